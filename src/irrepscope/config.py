@@ -1,0 +1,203 @@
+"""Run configuration: plain YAML mapped onto dataclasses, validated at the boundary.
+
+A config has three sections, ``model``, ``data`` and ``train``; every key has a
+default, unknown keys are errors (a typo must not silently fall back to a default),
+and ``--set section.key=value`` overrides are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from irrepscope.errors import IrrepscopeError
+from irrepscope.orders import validate_orders
+
+BACKENDS = ("e3nn", "fast")
+GRAPHS = ("bond", "radius")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the reference model (see the brief): defaults reproduce [0,1,2]/H=32."""
+
+    orders: list[int] = field(default_factory=lambda: [0, 1, 2])
+    hidden_mul: int = 32  # H: copies of every order in the hidden features
+    num_blocks: int = 5  # tensor-product blocks, the first one reads the 64x0e embedding
+    num_basis: int = 20  # Bessel radial functions
+    cutoff: float = 6.0  # Å; bounds the radial basis (and the radius graph)
+    embedding_dim: int = 64
+    num_elements: int = 100
+    radial_hidden: int | None = None  # hidden width of the radial MLP; None means hidden_mul
+    aggregation_norm: float = 6.08  # messages are summed and divided by this constant
+    backend: str = "fast"  # tensor-product implementation: e3nn (reference) or fast
+
+    def validate(self) -> None:
+        self.orders = validate_orders(self.orders)
+        _positive_int(self, "hidden_mul", "num_blocks", "num_basis", "embedding_dim", "num_elements")
+        if self.radial_hidden is not None:
+            _positive_int(self, "radial_hidden")
+        _positive_float(self, "cutoff", "aggregation_norm")
+        if self.backend not in BACKENDS:
+            raise IrrepscopeError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which data, target, graph and split."""
+
+    target: str = "U0_atomization"
+    graph: str = "bond"  # covalent-bond graph (as published) or radius graph within model.cutoff
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    limit: int | None = None  # use a seeded random subset of this many molecules
+    cache_dir: str | None = None  # None: $IRREPSCOPE_CACHE or ~/.cache/irrepscope
+
+    def validate(self) -> None:
+        from irrepscope.data.qm9 import PROPERTIES
+
+        if self.target not in PROPERTIES:
+            raise IrrepscopeError(f"data.target {self.target!r} is unknown; choose one of {sorted(PROPERTIES)}")
+        if self.graph not in GRAPHS:
+            raise IrrepscopeError(f"data.graph must be one of {GRAPHS}, got {self.graph!r}")
+        if not isinstance(self.split, list) or len(self.split) != 3:
+            raise IrrepscopeError(f"data.split must be three fractions [train, val, test], got {self.split!r}")
+        if any(not isinstance(x, (int, float)) or x <= 0 for x in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise IrrepscopeError(f"data.split fractions must be positive and sum to 1, got {self.split}")
+        if self.limit is not None:
+            _positive_int(self, "limit")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe; defaults are the published one (AdamW, lr 1e-3, no schedule, batch 32)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW's default
+    schedule: str = "none"  # none | cosine
+    seed: int = 0  # fixes the split, the initial weights and the batch order
+    device: str = "cpu"  # cpu, cuda, cuda:1, ... or auto
+    dtype: str = "float32"  # float32 | float64
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    eval_batch_size: int = 128
+    max_train_batches: int | None = None  # cap on batches per epoch (quick experiments)
+
+    def validate(self) -> None:
+        _positive_int(self, "epochs", "batch_size", "eval_batch_size")
+        _positive_float(self, "lr")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise IrrepscopeError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in ("none", "cosine"):
+            raise IrrepscopeError(f"train.schedule must be 'none' or 'cosine', got {self.schedule!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise IrrepscopeError(f"train.seed must be an integer, got {self.seed!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise IrrepscopeError(f"train.dtype must be float32 or float64, got {self.dtype!r}")
+        for name in ("threads", "max_train_batches"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
+
+
+@dataclass
+class Config:
+    """A whole run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    """Build and validate a :class:`Config` from a nested mapping; unknown keys are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise IrrepscopeError(f"{source}: top level must be a mapping with sections {list(SECTIONS)}")
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise IrrepscopeError(f"{source}: unknown section {name!r}; expected one of {list(SECTIONS)}")
+        cls = SECTIONS[name]
+        value = value or {}
+        if not isinstance(value, dict):
+            raise IrrepscopeError(f"{source}: section {name!r} must be a mapping")
+        known = {f.name for f in fields(cls)}
+        for key in value:
+            if key not in known:
+                raise IrrepscopeError(f"{source}: unknown key {name}.{key}; known keys: {sorted(known)}")
+        sections[name] = cls(**value)
+    return Config(**sections).validate()
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file, apply ``section.key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise IrrepscopeError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise IrrepscopeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Return a copy of the raw mapping with ``section.key=value`` overrides applied."""
+    if not overrides:
+        return raw
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise IrrepscopeError("cannot apply --set to a config whose top level is not a mapping")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise IrrepscopeError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise IrrepscopeError(f"--set {item!r}: value is not valid YAML") from None
+        raw.setdefault(parts[0], {})
+        if not isinstance(raw[parts[0]], dict):
+            raise IrrepscopeError(f"--set {item!r}: section {parts[0]!r} is not a mapping")
+        raw[parts[0]][parts[1]] = value
+    return raw
+
+
+def _positive_int(obj: Any, *names: str) -> None:
+    section = type(obj).__name__.replace("Config", "").lower()
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise IrrepscopeError(f"{section}.{name} must be a positive integer, got {v!r}")
+
+
+def _positive_float(obj: Any, *names: str) -> None:
+    section = type(obj).__name__.replace("Config", "").lower()
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise IrrepscopeError(f"{section}.{name} must be a positive number, got {v!r}")

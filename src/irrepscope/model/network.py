@@ -1,0 +1,122 @@
+"""The study's equivariant graph convolution (Lee, Galkin, Miret 2024), built on e3nn.
+
+embedding (64x0e) -> block 1 (64x0e -> H x every order) -> blocks 2..n (residual)
+-> equivariant linear readout to one scalar per atom -> sum over the molecule -> affine
+rescale from the standardised target to its unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from e3nn import o3
+
+from irrepscope.config import ModelConfig
+from irrepscope.model.interaction import EdgeGeometry, InteractionBlock
+from irrepscope.model.radial import bessel_basis
+from irrepscope.orders import hidden_irreps
+
+if TYPE_CHECKING:
+    from irrepscope.data.batching import Batch
+
+NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns: the prediction and, on request, every intermediate feature."""
+
+    prediction: torch.Tensor  # [G] in the target's unit
+    standardized: torch.Tensor  # [G] before the affine rescale (what the loss sees)
+    node_features: list[torch.Tensor] | None = None  # per block, [N, irreps.dim]
+    graph_features: torch.Tensor | None = None  # [G, irreps.dim]: sum over atoms of the last block
+
+
+class EquivariantGraphConv(torch.nn.Module):
+    """The reference model; ``config.backend`` picks the tensor-product implementation."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.orders = list(config.orders)
+        self.irreps_hidden = hidden_irreps(self.orders, config.hidden_mul)
+        self.embedding = torch.nn.Embedding(config.num_elements, config.embedding_dim)
+        radial_hidden = config.radial_hidden or config.hidden_mul
+        blocks = []
+        irreps_in = o3.Irreps(f"{config.embedding_dim}x0e")
+        for _ in range(config.num_blocks):
+            block = InteractionBlock(
+                irreps_in,
+                self.orders,
+                config.hidden_mul,
+                config.num_basis,
+                radial_hidden,
+                config.aggregation_norm,
+                backend=config.backend,
+            )
+            blocks.append(block)
+            irreps_in = block.irreps_out
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.readout = o3.Linear(self.irreps_hidden, o3.Irreps("0e"))
+        # Affine rescale of the standardised output; set from the training split's statistics.
+        self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_std", torch.ones(()))
+
+    @property
+    def backend(self) -> str:
+        return self.blocks[0].backend
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every block between the e3nn reference and the fast tensor product (same weights)."""
+        for block in self.blocks:
+            block.set_backend(backend)
+
+    def set_target_stats(self, mean: float, std: float) -> None:
+        self.target_mean.fill_(float(mean))
+        self.target_std.fill_(float(std))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def edge_geometry(self, batch: "Batch") -> EdgeGeometry:
+        vec = batch.pos[batch.edge_src] - batch.pos[batch.edge_dst]
+        radial = bessel_basis(vec.norm(dim=1), self.config.cutoff, self.config.num_basis)
+        return EdgeGeometry(batch.edge_src, batch.edge_dst, vec, radial, self.orders)
+
+    def forward(
+        self,
+        batch: "Batch",
+        return_features: bool = False,
+        node_hook: NodeHook | None = None,
+    ) -> ModelOutput:
+        """Predict one value per molecule.
+
+        ``node_hook(block_index, features)`` may replace each block's output (ablation)
+        or keep a handle on it (gradients); ``return_features`` keeps every block's node
+        features and the sum-pooled graph features.
+        """
+        edges = self.edge_geometry(batch)
+        x = self.embedding(batch.z).to(batch.pos.dtype)
+        kept = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, edges)
+            if node_hook is not None:
+                x = node_hook(i, x)
+            if return_features:
+                kept.append(x)
+        per_atom = self.readout(x).squeeze(-1)
+        standardized = torch.zeros(batch.num_graphs, dtype=x.dtype, device=x.device).index_add(0, batch.batch, per_atom)
+        prediction = standardized * self.target_std + self.target_mean
+        graph = None
+        if return_features:
+            graph = torch.zeros(batch.num_graphs, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, batch.batch, x)
+        return ModelOutput(prediction, standardized, kept if return_features else None, graph)
+
+
+def build_model(config: ModelConfig) -> EquivariantGraphConv:
+    """Build the model described by ``config`` (fresh weights: seed torch first for reproducibility)."""
+    return EquivariantGraphConv(config)
