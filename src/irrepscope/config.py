@@ -146,7 +146,7 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
         for key in value:
             if key not in known:
                 raise IrrepscopeError(f"{source}: unknown key {name}.{key}; known keys: {sorted(known)}")
-        sections[name] = cls(**value)
+        sections[name] = cls(**{k: _coerce_float(cls, k, v) for k, v in value.items()})
     return Config(**sections).validate()
 
 
@@ -185,6 +185,17 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
             raise IrrepscopeError(f"--set {item!r}: section {parts[0]!r} is not a mapping")
         raw[parts[0]][parts[1]] = value
     return raw
+
+
+def _coerce_float(cls: type, key: str, value: Any) -> Any:
+    # YAML 1.1 reads "1e-3" (no dot) as a string; accept it where a float is expected.
+    annotation = str(cls.__dataclass_fields__[key].type)
+    if isinstance(value, str) and annotation.startswith("float"):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _positive_int(obj: Any, *names: str) -> None:

@@ -1,0 +1,40 @@
+"""QM9 data: loading and caching, bond graphs, splits, batching, reading structure files."""
+
+from irrepscope.data.batching import Batch, batch_from_structures, collate, iterate_batches
+from irrepscope.data.graphs import BOND_SCALE, COVALENT_RADII, bonds_to_directed, covalent_bonds, radius_edges
+from irrepscope.data.qm9 import (
+    ATOM_REF_HARTREE,
+    ATOM_REF_U0_HARTREE,
+    HARTREE_TO_EV,
+    PROPERTIES,
+    Molecules,
+    default_cache_dir,
+    load_qm9,
+)
+from irrepscope.data.split import load_split, load_split_meta, random_split, save_split
+from irrepscope.data.xyz import check_elements, read_structures
+
+__all__ = [
+    "ATOM_REF_HARTREE",
+    "ATOM_REF_U0_HARTREE",
+    "BOND_SCALE",
+    "COVALENT_RADII",
+    "HARTREE_TO_EV",
+    "PROPERTIES",
+    "Batch",
+    "Molecules",
+    "batch_from_structures",
+    "bonds_to_directed",
+    "check_elements",
+    "collate",
+    "covalent_bonds",
+    "default_cache_dir",
+    "iterate_batches",
+    "load_qm9",
+    "load_split",
+    "load_split_meta",
+    "radius_edges",
+    "random_split",
+    "read_structures",
+    "save_split",
+]

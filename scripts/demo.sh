@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The demo: train a small model on a real QM9 subset, evaluate it on its held-out test
+# split and write a report. Sets up .venv first. Output goes to ${1:-demo_run}.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/venv.sh"
+cd "$ROOT"
+OUT="${1:-demo_run}"
+if [ -e "$OUT/checkpoints/last.pt" ]; then
+    echo "$OUT already holds a run: remove it or pass another directory" >&2
+    exit 2
+fi
+irrepscope info configs/quick/demo.yaml
+irrepscope train configs/quick/demo.yaml --out "$OUT"
+echo "run written to $OUT (config.yaml, split.json, metrics.csv, checkpoints/, test.json)"

@@ -1,0 +1,5 @@
+"""``python -m irrepscope`` runs the CLI."""
+
+from irrepscope.cli import main
+
+main()

@@ -1,0 +1,124 @@
+"""Command-line interface: ``irrepscope info | train | evaluate | predict``.
+
+Bad input raises :class:`IrrepscopeError`; :func:`main` prints it as one line on stderr
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from irrepscope.config import load_config
+from irrepscope.errors import IrrepscopeError
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable)."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="irrepscope")
+def cli() -> None:
+    """Train equivariant graph networks on QM9 and measure which spherical-harmonic orders they use."""
+
+
+@cli.command()
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Describe the model a config builds: parameters, orders, irreps, paths."""
+    from irrepscope.model.network import build_model
+
+    config = load_config(config_path, overrides)
+    model = build_model(config.model)
+    summary = {
+        "params": model.num_parameters(),
+        "orders": config.model.orders,
+        "irreps": str(model.irreps_hidden),
+        "hidden_mul": config.model.hidden_mul,
+        "num_blocks": config.model.num_blocks,
+        "paths_per_block": [len(b.tp.instructions) for b in model.blocks],
+        "backend": config.model.backend,
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key:>16}: {value}")
+
+
+@cli.command()
+@click.argument("config_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@set_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config_path: str | None, out: str | None, resume_dir: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Train CONFIG_PATH into --out, or continue an interrupted run with --resume RUN_DIR."""
+    from irrepscope.training import trainer
+
+    if resume_dir:
+        if config_path or out:
+            raise IrrepscopeError("--resume takes only the run directory (and optional --set), not a config or --out")
+        test = trainer.resume(resume_dir, overrides, progress=not quiet)
+    else:
+        if not config_path or not out:
+            raise IrrepscopeError("train needs CONFIG_PATH and --out RUN_DIR (or --resume RUN_DIR)")
+        test = trainer.train(load_config(config_path, overrides), out, progress=not quiet)
+    click.echo(f"test MAE {test['mae_ev']:.4f} eV, RMSE {test['rmse_ev']:.4f} eV over {test['n']} molecules")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def evaluate(run_dir: str, split: str, checkpoint: str, device: str) -> None:
+    """Recompute a run's metrics on its own saved split (writes test.json for the test split)."""
+    from irrepscope.training.evaluate import evaluate_run
+    from irrepscope.training.runs import RunDir
+
+    metrics = evaluate_run(run_dir, split, checkpoint, device)
+    if split == "test" and checkpoint == "best":
+        RunDir.at(run_dir).write_test(metrics)
+    click.echo(json.dumps(metrics))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("structures", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> None:
+    """Predict the run's target for every molecule of an .xyz/.extxyz file."""
+    from irrepscope.training.predict import predict_file
+
+    results = predict_file(run_dir, structures, checkpoint)
+    if as_json:
+        click.echo(json.dumps(results))
+    else:
+        for r in results:
+            click.echo(f"{r['index']:>5}  {r['formula']:<12} {r['prediction']:.4f} {r['unit']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``irrepscope`` console script."""
+    try:
+        cli.main(args=argv, prog_name="irrepscope", standalone_mode=False)
+    except IrrepscopeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
