@@ -1,4 +1,4 @@
-"""Command-line interface: ``irrepscope info | train | evaluate | predict``.
+"""Command-line interface: ``irrepscope info | train | evaluate | predict | sweep``.
 
 Bad input raises :class:`IrrepscopeError`; :func:`main` prints it as one line on stderr
 and exits with status 2.
@@ -104,6 +104,25 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
     else:
         for r in results:
             click.echo(f"{r['index']:>5}  {r['formula']:<12} {r['prediction']:.4f} {r['unit']}")
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Sweep directory [default: runs/sweeps/NAME].")
+@click.option("--workers", default=1, show_default=True, help="Runs trained in parallel (processes).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool) -> None:
+    """Run a grid of configurations x seeds; re-running skips finished runs and resumes interrupted ones."""
+    from irrepscope.report.sweep import write_sweep_report
+    from irrepscope.sweeps.runner import run_sweep
+    from irrepscope.sweeps.spec import load_sweep
+
+    spec = load_sweep(sweep_file)
+    out_dir = Path(out or Path("runs") / "sweeps" / spec.name)
+    counts = run_sweep(spec, out_dir, workers=workers, progress=not quiet)
+    paths = write_sweep_report(spec, out_dir)
+    click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
+    click.echo(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,4 +99,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best", 
         "unit": "eV",
         "checkpoint": which,
         "epoch": int(state.get("epoch", 0)),
+        "params": model.num_parameters(),
     }

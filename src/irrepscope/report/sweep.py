@@ -1,0 +1,76 @@
+"""A sweep's outputs: results.csv, summary.md, summary.html with error-bar plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
+from irrepscope.sweeps.spec import Sweep  # noqa: E402
+from irrepscope.sweeps.summary import collect_results, mean_pm_std, summarize, summary_markdown, write_results_csv  # noqa: E402
+
+
+def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
+    """Test MAE (mean ± std over seeds) against parameters and against training time."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for x_key, ax, label in (("params", axes[0], "parameters"), ("train_seconds_mean", axes[1], "training time per run (s)")):
+        for r in summary:
+            std = 0.0 if math.isnan(r["mae_std"]) else r["mae_std"]
+            ax.errorbar(r[x_key], r["mae_mean"], yerr=std, fmt="o", capsize=4, label=r["variant"])
+            ax.annotate(f"[{r['orders'].replace(' ', ',')}]", (r[x_key], r["mae_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test MAE (eV)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    return fig
+
+
+def write_sweep_report(sweep: Sweep, out_dir: str | Path) -> list[Path]:
+    """Write results.csv, summary.md, summary.png and summary.html for the runs finished so far."""
+    out = Path(out_dir)
+    rows = collect_results(sweep, out)
+    write_results_csv(rows, out / "results.csv")
+    summary = summarize(rows)
+    markdown = summary_markdown(sweep.name, summary)
+    atomic_write_text(out / "summary.md", markdown)
+    png = b""
+    if summary:
+        fig = error_bar_figure(summary)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        plt.close(fig)
+        png = buf.getvalue()
+        atomic_write(out / "summary.png", lambda f: f.write(png))
+    atomic_write_text(out / "summary.html", _html(sweep.name, summary, png))
+    return [out / "results.csv", out / "summary.md", out / "summary.html"]
+
+
+def _html(name: str, summary: list[dict[str, Any]], png: bytes) -> str:
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            r["variant"], f"[{r['orders'].replace(' ', ',')}]", r["hidden_mul"], f"{r['params']:,}", r["seeds"],
+            mean_pm_std(r["mae_mean"], r["mae_std"]), mean_pm_std(r["rmse_mean"], r["rmse_std"]), f"{r['train_seconds_mean']:.0f}",
+        )) + "</tr>"
+        for r in summary
+    )  # fmt: skip
+    image = f'<img alt="test MAE against parameters and time" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else "<p>No finished runs yet.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Sweep {html.escape(name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>Sweep {html.escape(name)}</h1>
+<p>Test error of each run on its own held-out split; mean &plusmn; sample standard deviation over seeds.</p>
+<table><tr><th>configuration</th><th>orders</th><th>H</th><th>params</th><th>seeds</th><th>test MAE (eV)</th>
+<th>test RMSE (eV)</th><th>train time (s)</th></tr>{rows}</table>
+{image}
+</body></html>
+"""

@@ -1,0 +1,127 @@
+"""The sweep file: which configurations, which seeds, which overrides.
+
+.. code-block:: yaml
+
+    name: cpu_table2
+    configs:                     # each entry: a config file (relative to this file) and/or overrides
+      - {name: l01234_h16, config: ../configs/paper/l01234_h16.yaml}
+      - {name: l03456_h16, config: ../configs/paper/l03456_h16.yaml, set: {train.batch_size: 16}}
+    seeds: [0, 1, 2]             # train.seed of each run (fixes split, init and batch order)
+    set:                         # overrides applied to every run
+      data.limit: 6000
+      train.epochs: 8
+    grid:                        # optional: cartesian product of further overrides
+      train.lr: [1.0e-3, 3.0e-3]
+
+Every run is a plain run directory under ``SWEEP_DIR/runs/<config>[,key=value...]/seed<k>``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from irrepscope.config import Config, apply_overrides, config_from_dict, load_config
+from irrepscope.errors import IrrepscopeError
+
+SWEEP_KEYS = {"name", "configs", "seeds", "set", "grid", "description"}
+CONFIG_KEYS = {"name", "config", "set"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its configuration name, seed, resolved config and directory."""
+
+    config_name: str
+    seed: int
+    config: Config
+    relpath: str  # relative to SWEEP_DIR
+
+    @property
+    def variant(self) -> str:
+        return self.relpath.rsplit("/", 1)[0].split("/", 1)[1]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    path: Path
+    runs: list[RunSpec]
+
+
+def _as_overrides(mapping: Any, where: str) -> list[str]:
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise IrrepscopeError(f"{where} must be a mapping of section.key: value")
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in mapping.items()]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "", text.replace(" ", ""))
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every run's config is resolved and validated up front."""
+    path = Path(path)
+    if not path.is_file():
+        raise IrrepscopeError(f"sweep file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise IrrepscopeError(f"{path}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise IrrepscopeError(f"{path}: a sweep file is a mapping with keys {sorted(SWEEP_KEYS)}")
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        raise IrrepscopeError(f"{path}: unknown sweep key(s) {sorted(unknown)}; known: {sorted(SWEEP_KEYS)}")
+    configs = raw.get("configs")
+    if not isinstance(configs, list) or not configs:
+        raise IrrepscopeError(f"{path}: 'configs' must be a non-empty list")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise IrrepscopeError(f"{path}: 'seeds' must be a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise IrrepscopeError(f"{path}: 'seeds' has duplicates")
+    common = _as_overrides(raw.get("set"), f"{path}: 'set'")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise IrrepscopeError(f"{path}: 'grid' must map section.key to a non-empty list of values")
+    grid_points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+
+    runs: list[RunSpec] = []
+    names = set()
+    for i, entry in enumerate(configs):
+        where = f"{path}: configs[{i}]"
+        if not isinstance(entry, dict):
+            raise IrrepscopeError(f"{where} must be a mapping with keys {sorted(CONFIG_KEYS)}")
+        bad = set(entry) - CONFIG_KEYS
+        if bad:
+            raise IrrepscopeError(f"{where}: unknown key(s) {sorted(bad)}; known: {sorted(CONFIG_KEYS)}")
+        name = entry.get("name") or (Path(entry["config"]).stem if entry.get("config") else None)
+        if not name:
+            raise IrrepscopeError(f"{where}: needs a 'name' or a 'config'")
+        if name in names:
+            raise IrrepscopeError(f"{where}: duplicate configuration name {name!r}")
+        names.add(name)
+        config_file = entry.get("config")
+        own = _as_overrides(entry.get("set"), f"{where}.set")
+        for point in grid_points:
+            point_overrides = _as_overrides(point, f"{path}: grid")
+            variant = _slug(",".join([name, *point_overrides]))
+            for seed in seeds:
+                overrides = [*common, *own, *point_overrides, f"train.seed={seed}"]
+                if config_file:
+                    cfg_path = (path.parent / config_file).resolve()
+                    if not cfg_path.is_file():
+                        raise IrrepscopeError(f"{where}: config file not found: {cfg_path}")
+                    config = load_config(cfg_path, overrides)
+                else:
+                    config = config_from_dict(apply_overrides({}, overrides), source=where)
+                runs.append(RunSpec(name, seed, config, f"runs/{variant}/seed{seed}"))
+    return Sweep(str(raw.get("name") or path.stem), path, runs)
