@@ -86,11 +86,11 @@ class InteractionBlock(torch.nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, edges: EdgeGeometry) -> torch.Tensor:
-        weights = self.fc(edges.radial)
         if self.backend == "fast":
-            messages = self._fast(x[edges.src], edges.frame(), weights)
+            # The radial MLP's last layer is folded into the product: fc(radial) is never built.
+            messages = self._fast(x[edges.src], edges.frame(), radial=edges.radial, fc=self.fc)
         else:
-            messages = self.tp(x[edges.src], edges.sh, weights)
+            messages = self.tp(x[edges.src], edges.sh, self.fc(edges.radial))
         out = torch.zeros(x.shape[0], messages.shape[1], dtype=messages.dtype, device=messages.device)
         out = out.index_add(0, edges.dst, messages) / self.aggregation_norm
         if self.residual:
