@@ -11,7 +11,7 @@ import torch
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.qm9 import Molecules, load_qm9
+from irrepscope.data.qm9 import PROPERTIES, Molecules, load_qm9
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_model
@@ -96,7 +96,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best", 
         **metrics,
         "split": split,
         "target": config.data.target,
-        "unit": "eV",
+        "unit": PROPERTIES[config.data.target][0],  # mae_ev/rmse_ev are in this unit
         "checkpoint": which,
         "epoch": int(state.get("epoch", 0)),
         "params": model.num_parameters(),
