@@ -1,4 +1,4 @@
-"""Command-line interface: ``irrepscope info | train | evaluate | predict | sweep``.
+"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune``.
 
 Bad input raises :class:`IrrepscopeError`; :func:`main` prints it as one line on stderr
 and exits with status 2.
@@ -123,6 +123,40 @@ def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool) -> None:
     paths = write_sweep_report(spec, out_dir)
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--train", "do_train", is_flag=True, help="Train the pruned config with the same budget and seed, then compare.")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Pruned run directory [default: RUN_DIR-pruned].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def prune(run_dir: str, do_train: bool, out: str | None, quiet: bool) -> None:
+    """Write RUN_DIR/pruned.yaml without the orders the analysis found unused; --train trains and compares it."""
+    from irrepscope.atomic import atomic_write_text
+    from irrepscope.sweeps.prune import comparison_markdown, pruned_config, read_usage, write_comparison
+    from irrepscope.training.runs import RunDir
+    from irrepscope.training.trainer import train as train_run
+
+    original = RunDir.at(run_dir).require()
+    usage = read_usage(run_dir)
+    config = pruned_config(run_dir, usage)
+    target = Path(run_dir) / "pruned.yaml"
+    atomic_write_text(target, config.to_yaml())
+    before = original.load_config().model.orders
+    click.echo(f"orders {before} -> {config.model.orders} (unused: {usage['unused_orders']}); wrote {target}")
+    if not do_train:
+        return
+    if config.model.orders == before:
+        click.echo("nothing to prune: every order is used; not training")
+        return
+    out_dir = Path(out) if out else Path(str(Path(run_dir).resolve()) + "-pruned")
+    train_run(config, out_dir, progress=not quiet)
+    from irrepscope.analysis.runner import analyze_run
+
+    analyze_run(out_dir, embedding="pca")
+    comp = write_comparison(run_dir, out_dir)
+    click.echo(comparison_markdown(comp), nl=False)
+    click.echo(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,95 @@
+"""Pruning: drop the orders a trained model does not use, retrain with the same budget, compare.
+
+The verdicts come from the run's analysis (``RUN_DIR/analysis/usage.json``, written by
+``irrepscope analyze``; run first when missing). Order 0 always stays: the readout of a
+scalar target reads only the l = 0 features.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from irrepscope.atomic import atomic_write_json, atomic_write_text
+from irrepscope.config import Config
+from irrepscope.errors import IrrepscopeError
+from irrepscope.orders import validate_orders
+from irrepscope.training.runs import RunDir
+
+
+def pruned_orders(orders: list[int], unused: list[int]) -> list[int]:
+    """``orders`` without the ``unused`` ones; 0 is never removed and the result is a valid order list."""
+    orders = validate_orders(orders)
+    unknown = sorted(set(unused) - set(orders))
+    if unknown:
+        raise IrrepscopeError(f"cannot prune orders {unknown}: the model has only {orders}")
+    return validate_orders([l for l in orders if l == 0 or l not in set(unused)])
+
+
+def read_usage(run_dir: str | Path, analyze_if_missing: bool = True) -> dict[str, Any]:
+    """The run's ``analysis/usage.json``, running the analysis first if it is missing."""
+    path = Path(run_dir) / "analysis" / "usage.json"
+    if not path.is_file():
+        if not analyze_if_missing:
+            raise IrrepscopeError(f"{run_dir} has no analysis/usage.json; run `irrepscope analyze {run_dir}` first")
+        from irrepscope.analysis.runner import analyze_run
+
+        analyze_run(run_dir, embedding="pca")
+    try:
+        usage = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IrrepscopeError(f"cannot read {path}: {exc}") from None
+    if "unused_orders" not in usage:
+        raise IrrepscopeError(f"{path} has no 'unused_orders'; re-run `irrepscope analyze {run_dir}`")
+    return usage
+
+
+def pruned_config(run_dir: str | Path, usage: dict[str, Any]) -> Config:
+    """The run's own config (same budget, seed and split) with the unused orders removed."""
+    config = RunDir.at(run_dir).load_config()
+    pruned = copy.deepcopy(config)
+    pruned.model.orders = pruned_orders(config.model.orders, [int(l) for l in usage["unused_orders"]])
+    return pruned.validate()
+
+
+def comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
+    """Parameters, test metrics and order usage of the original and the pruned run, side by side."""
+    out: dict[str, Any] = {}
+    for label, run_dir in (("original", Path(original)), ("pruned", Path(pruned))):
+        run = RunDir.at(run_dir)
+        test = json.loads(run.test.read_text())
+        usage = read_usage(run_dir)
+        out[label] = {
+            "run": str(run_dir),
+            "orders": run.load_config().model.orders,
+            "params": test["params"],
+            "test_mae_ev": test["mae_ev"],
+            "test_rmse_ev": test["rmse_ev"],
+            "unused_orders": usage["unused_orders"],
+        }
+    out["params_ratio"] = out["pruned"]["params"] / out["original"]["params"]
+    out["test_mae_delta_ev"] = out["pruned"]["test_mae_ev"] - out["original"]["test_mae_ev"]
+    return out
+
+
+def comparison_markdown(comp: dict[str, Any]) -> str:
+    o, p = comp["original"], comp["pruned"]
+    lines = [
+        "| run | orders | params | test MAE (eV) | test RMSE (eV) | unused orders |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in (("original", o), ("pruned", p)):
+        lines.append(
+            f"| {label} | {r['orders']} | {r['params']:,} | {r['test_mae_ev']:.4f} | {r['test_rmse_ev']:.4f} | {r['unused_orders']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
+    """Write ``comparison.json`` and ``comparison.md`` into the pruned run's directory."""
+    comp = comparison(original, pruned)
+    atomic_write_json(Path(pruned) / "comparison.json", comp)
+    atomic_write_text(Path(pruned) / "comparison.md", comparison_markdown(comp))
+    return comp
