@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from irrepscope.cli import main
+from helpers import run_cli
 from irrepscope.errors import IrrepscopeError
 from irrepscope.report.sweep import write_sweep_report
 from irrepscope.sweeps import runner
@@ -92,21 +92,13 @@ def test_partial_run_is_resumed(sweep_file, tmp_path):
     out = tmp_path / "out"
     first = sweep.runs[0]
     # A run that stopped after its first epoch.
-    assert main_code("train", str(ROOT / "configs/quick/tiny.yaml"), "--out", str(out / first.relpath), "--quiet",
+    assert run_cli("train", str(ROOT / "configs/quick/tiny.yaml"), "--out", str(out / first.relpath), "--quiet",
                      "--set", "data.limit=160", "--set", "train.epochs=1", "--set", "train.max_train_batches=2") == 0  # fmt: skip
     (out / first.relpath / "test.json").unlink()
     assert runner.run_state(out / first.relpath, 2) == "partial"
     counts = runner.run_sweep(load_sweep(sweep_file).__class__(sweep.name, sweep.path, [first]), out, progress=False)
     assert counts == {"finished before": 0, "resumed": 1}
     assert runner.run_state(out / first.relpath, 2) == "finished"
-
-
-def main_code(*args):
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 @pytest.mark.parametrize(

@@ -9,19 +9,10 @@ import torch
 from ase import Atoms
 from ase.io import write
 
-from irrepscope.cli import main
+from helpers import run_cli as cli
 from irrepscope.training.runs import RunDir, load_checkpoint
 
 TINY = "configs/quick/tiny.yaml"
-
-
-def cli(*args):
-    """Run the CLI in-process; return the exit status (0 when it returned normally)."""
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -153,15 +153,20 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file, apply ``section.key=value`` overrides, validate."""
     path = Path(path)
+    raw = read_yaml(path, "config file")
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a missing file or malformed YAML is a one-line error naming ``what``."""
     if not path.is_file():
-        raise IrrepscopeError(f"config file not found: {path}")
+        raise IrrepscopeError(f"{what} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise IrrepscopeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
 
 
 def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from irrepscope.config import Config, apply_overrides, config_from_dict, load_config
+from irrepscope.config import Config, apply_overrides, config_from_dict, load_config, read_yaml
 from irrepscope.errors import IrrepscopeError
 
 SWEEP_KEYS = {"name", "configs", "seeds", "set", "grid", "description"}
@@ -69,12 +69,7 @@ def _slug(text: str) -> str:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every run's config is resolved and validated up front."""
     path = Path(path)
-    if not path.is_file():
-        raise IrrepscopeError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise IrrepscopeError(f"{path}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise IrrepscopeError(f"{path}: a sweep file is a mapping with keys {sorted(SWEEP_KEYS)}")
     unknown = set(raw) - SWEEP_KEYS
