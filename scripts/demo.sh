@@ -12,4 +12,6 @@ if [ -e "$OUT/checkpoints/last.pt" ]; then
 fi
 irrepscope info configs/quick/demo.yaml
 irrepscope train configs/quick/demo.yaml --out "$OUT"
+irrepscope analyze "$OUT"
 echo "run written to $OUT (config.yaml, split.json, metrics.csv, checkpoints/, test.json)"
+echo "report: $OUT/analysis/report.html"

@@ -159,6 +159,71 @@ def prune(run_dir: str, do_train: bool, out: str | None, quiet: bool) -> None:
     click.echo(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
 
 
+def _order_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise IrrepscopeError(f"--orders must be comma-separated integers, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--max-molecules", type=int, default=None, help="Analyse only the first N molecules of the split.")
+@click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
+@click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
+@click.option("--map-molecules", type=int, default=3000, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
+@click.option("--probe-molecules", type=int, default=2000, show_default=True, help="Training molecules the linear probes are fit on.")
+@click.option("--ablation-molecules", type=int, default=None, help="Molecules for the all-blocks ablation [default: all].")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def analyze(
+    run_dir: str,
+    split: str,
+    max_molecules: int | None,
+    embedding: str,
+    orders: str | None,
+    map_molecules: int,
+    probe_molecules: int,
+    ablation_molecules: int | None,
+    checkpoint: str,
+    batch_size: int,
+    device: str,
+    quiet: bool,
+) -> None:
+    """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html)."""
+    from irrepscope.analysis.runner import analyze_run
+
+    for name, value in (("--map-molecules", map_molecules), ("--probe-molecules", probe_molecules), ("--batch-size", batch_size)):
+        if value <= 0:
+            raise IrrepscopeError(f"{name} must be positive, got {value}")
+    if ablation_molecules is not None and ablation_molecules <= 0:
+        raise IrrepscopeError(f"--ablation-molecules must be positive, got {ablation_molecules}")
+    result = analyze_run(
+        run_dir,
+        split=split,
+        max_molecules=max_molecules,
+        embedding=embedding,
+        orders=_order_list(orders),
+        map_molecules=map_molecules,
+        probe_molecules=probe_molecules,
+        ablation_molecules=ablation_molecules,
+        checkpoint=checkpoint,
+        device=device,
+        batch_size=batch_size,
+        progress=not quiet,
+    )
+    click.echo(
+        f"MAE {result['model_mae']:.4f} {result['unit']} on {result['n_molecules']} {split} molecules; "
+        f"unused orders {result['unused_orders']}; suggested orders {result['suggested_orders']}"
+    )
+    click.echo(f"wrote {Path(run_dir) / 'analysis'} (usage.csv, usage.json, report.html)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``irrepscope`` console script."""
     try:

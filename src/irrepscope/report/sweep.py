@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
+from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 from irrepscope.sweeps.spec import Sweep  # noqa: E402
 from irrepscope.sweeps.summary import collect_results, mean_pm_std, summarize, summary_markdown, write_results_csv  # noqa: E402
 
@@ -44,11 +43,7 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path) -> list[Path]:
     atomic_write_text(out / "summary.md", markdown)
     png = b""
     if summary:
-        fig = error_bar_figure(summary)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        plt.close(fig)
-        png = buf.getvalue()
+        png = figure_png(error_bar_figure(summary), dpi=120)
         atomic_write(out / "summary.png", lambda f: f.write(png))
     atomic_write_text(out / "summary.html", _html(sweep.name, summary, png))
     return [out / "results.csv", out / "summary.md", out / "summary.html"]
@@ -62,7 +57,7 @@ def _html(name: str, summary: list[dict[str, Any]], png: bytes) -> str:
         )) + "</tr>"
         for r in summary
     )  # fmt: skip
-    image = f'<img alt="test MAE against parameters and time" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else "<p>No finished runs yet.</p>"
+    image = png_img_tag(png, "test MAE against parameters and time") if png else "<p>No finished runs yet.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Sweep {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}

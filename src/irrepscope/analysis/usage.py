@@ -1,0 +1,163 @@
+"""The usage table: per block and per order, how much the trained model relies on that order.
+
+Measures (one row per block and order, plus one ``block = "all"`` row per order):
+
+* ``norm_share_node`` / ``norm_share_graph``: fraction of the squared feature norm carried
+  by the order, summed over the split's atoms (node features) or molecules (sum-pooled
+  graph features). Large does not mean used: the readout may ignore it.
+* ``ablation_delta_mae_ev``: MAE with the order's features zeroed after that block minus
+  the model's MAE (target unit, eV for energies). The ``all`` row zeroes it after every
+  block. This is the primary measure.
+* ``grad_x_input``: per atom, ``sum_u |<dpred/dx_u, x_u>|`` over the order's copies ``u``
+  (inner product over the 2l+1 components: rotation invariant, the first-order estimate of
+  zeroing that copy), averaged over atoms.
+* ``probe_r2``: R^2 on the evaluated split of a ridge probe of the target from the
+  order's invariant graph features at that block, fit on (a subset of) the training split.
+* ``verdict``: ``unused`` when the ablation effect is below ``THRESHOLD`` x the model's
+  MAE, else ``used``; the ``all`` row's verdict decides the order's fate.
+
+Path weights: for every tensor-product path (l_in x l_edge -> l_out), the RMS of the
+per-edge weights the radial MLP produces over the evaluated edges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from irrepscope.analysis.features import SplitPass
+from irrepscope.errors import IrrepscopeError
+from irrepscope.model.fast_tp import _split_fc
+from irrepscope.model.network import EquivariantGraphConv
+
+# An order is unused when zeroing it in every block raises the MAE by less than 1 % of
+# the model's MAE (a change the size of run-to-run noise; a negative change, i.e. the
+# model gets better without it, is also "unused").
+THRESHOLD = 0.01
+
+FIELDS = [
+    "block",
+    "order",
+    "norm_share_node",
+    "norm_share_graph",
+    "ablation_delta_mae_ev",
+    "grad_x_input",
+    "probe_r2",
+    "verdict",
+]
+
+
+def mae(prediction: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(prediction) - np.asarray(target))))
+
+
+def verdict(delta_mae: float, model_mae: float, threshold: float = THRESHOLD) -> str:
+    """``used`` when zeroing raises the MAE by at least ``threshold`` x the model's MAE."""
+    return "used" if delta_mae >= threshold * model_mae else "unused"
+
+
+def probe_r2(
+    train_features: np.ndarray, train_target: np.ndarray, eval_features: np.ndarray, eval_target: np.ndarray
+) -> float:
+    """R^2 on the evaluation set of a ridge probe (standardised features, alpha 1e-3) fit on the training set."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(train_target) < 2 or len(eval_target) < 2:
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), Ridge(alpha=1e-3))
+    probe.fit(train_features, train_target)
+    return float(r2_score(eval_target, probe.predict(eval_features)))
+
+
+def usage_rows(
+    eval_pass: SplitPass,
+    all_blocks: dict[int, float],
+    probe_pass: SplitPass | None,
+    threshold: float = THRESHOLD,
+) -> list[dict[str, Any]]:
+    """The rows of usage.csv from an evaluated pass (with gradients), all-blocks deltas and a training pass.
+
+    ``all_blocks`` maps order -> delta MAE when zeroed after every block.
+    """
+    if eval_pass.target is None or eval_pass.ablation_prediction is None or eval_pass.grad_x_input is None:
+        raise IrrepscopeError("usage needs a pass with targets and gradients")
+    base = mae(eval_pass.prediction, eval_pass.target)
+    rows: list[dict[str, Any]] = []
+    nb = eval_pass.node_sq.shape[0]
+    for b in range(nb):
+        node_tot = eval_pass.node_sq[b].sum()
+        graph_tot = eval_pass.graph_sq[b].sum()
+        for j, l in enumerate(eval_pass.orders):
+            delta = mae(eval_pass.ablation_prediction[b, j], eval_pass.target) - base
+            r2 = float("nan")
+            if probe_pass is not None and probe_pass.target is not None:
+                r2 = probe_r2(
+                    probe_pass.graph_invariants[b][l], probe_pass.target, eval_pass.graph_invariants[b][l], eval_pass.target
+                )
+            rows.append(
+                {
+                    "block": b + 1,
+                    "order": l,
+                    "norm_share_node": float(eval_pass.node_sq[b, j] / node_tot) if node_tot > 0 else float("nan"),
+                    "norm_share_graph": float(eval_pass.graph_sq[b, j] / graph_tot) if graph_tot > 0 else float("nan"),
+                    "ablation_delta_mae_ev": float(delta),
+                    "grad_x_input": float(eval_pass.grad_x_input[b, j] / max(eval_pass.num_atoms, 1)),
+                    "probe_r2": r2,
+                    "verdict": verdict(delta, base, threshold),
+                }
+            )
+    for l in eval_pass.orders:
+        delta = float(all_blocks[l])
+        rows.append(
+            {
+                "block": "all",
+                "order": l,
+                "norm_share_node": float("nan"),
+                "norm_share_graph": float("nan"),
+                "ablation_delta_mae_ev": delta,
+                "grad_x_input": float("nan"),
+                "probe_r2": float("nan"),
+                "verdict": verdict(delta, base, threshold),
+            }
+        )
+    return rows
+
+
+def path_weight_rms(model: EquivariantGraphConv, eval_pass: SplitPass) -> list[dict[str, Any]]:
+    """RMS over the evaluated edges of each path's per-edge weights, from the radial hidden layer's moments.
+
+    ``w_e = h_e @ L``, so ``mean_e w_ej^2 = L_j^T (sum_e h_e h_e^T) L_j / E``: exact, and the
+    ``[E, weight_numel]`` weight tensor is never built.
+    """
+    if not eval_pass.path_moment or eval_pass.num_edges == 0:
+        return []
+    out = []
+    for b, (block, moment) in enumerate(zip(model.blocks, eval_pass.path_moment)):
+        _, last = _split_fc(block.fc, block.fc.layer0.weight.new_zeros(1, block.fc.layer0.weight.shape[0]))
+        last = last.detach().double().cpu().numpy()  # [K, weight_numel]
+        mean_sq = ((moment @ last) * last).sum(0) / eval_pass.num_edges
+        start = 0
+        for ins in block.tp.instructions:
+            n = int(np.prod(ins.path_shape))
+            out.append(
+                {
+                    "block": b + 1,
+                    "l_in": block.tp.irreps_in1[ins.i_in1].ir.l,
+                    "l_edge": block.tp.irreps_in2[ins.i_in2].ir.l,
+                    "l_out": block.tp.irreps_out[ins.i_out].ir.l,
+                    "rms": float(np.sqrt(max(mean_sq[start : start + n].mean(), 0.0))),
+                }
+            )
+            start += n
+    return out
+
+
+def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(unused orders, suggested order list) from the ``all`` rows; order 0 is always kept."""
+    unused = sorted(r["order"] for r in rows if r["block"] == "all" and r["verdict"] == "unused" and r["order"] != 0)
+    suggested = [l for l in model_orders if l == 0 or l not in unused]
+    return unused, suggested

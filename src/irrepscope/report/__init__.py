@@ -1,0 +1,1 @@
+"""Reports: sweep summaries and analysis reports as self-contained HTML."""

@@ -1,0 +1,191 @@
+"""The analysis report: usage heat maps, path-weight heat maps, latent maps (PNG) and report.html."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
+from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
+
+MEASURES = [
+    ("ablation_delta_mae_ev", "ablation: delta MAE"),
+    ("grad_x_input", "|<grad, x>| per atom"),
+    ("norm_share_node", "norm share (atoms)"),
+    ("probe_r2", "probe R^2"),
+]
+
+
+def _grid(rows: list[dict[str, Any]], key: str, blocks: int, orders: list[int]) -> np.ndarray:
+    grid = np.full((blocks, len(orders)), np.nan)
+    for r in rows:
+        if r["block"] != "all" and r["order"] in orders and r[key] is not None:
+            grid[int(r["block"]) - 1, orders.index(r["order"])] = r[key]
+    return grid
+
+
+def _heat(ax, grid: np.ndarray, xlabels, ylabels, title: str, fmt: str = "{:.3g}") -> None:
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(xlabels)), [str(x) for x in xlabels])
+    ax.set_yticks(range(len(ylabels)), [str(y) for y in ylabels])
+    ax.set_title(title, fontsize=9)
+    for (i, j), v in np.ndenumerate(grid):
+        if math.isfinite(v) and grid.size <= 80:
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
+    plt.colorbar(im, ax=ax, shrink=0.8)
+
+
+def usage_figure(result: dict[str, Any]) -> plt.Figure:
+    """Heat maps block x order of each usage measure."""
+    orders, nb = result["analysed_orders"], result["num_blocks"]
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 0.5 * nb + 2.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, MEASURES):
+        _heat(ax, _grid(result["rows"], key, nb, orders), orders, range(1, nb + 1), title)
+        ax.set_xlabel("order l")
+        ax.set_ylabel("block")
+    return fig
+
+
+def paths_figure(result: dict[str, Any]) -> plt.Figure | None:
+    """Per block, RMS of the per-edge path weights by (l_in, l_out), combined over l_edge (root mean square)."""
+    paths = result["paths"]
+    if not paths:
+        return None
+    nb = result["num_blocks"]
+    fig, axes = plt.subplots(1, nb, figsize=(3.2 * nb, 3.2), constrained_layout=True, squeeze=False)
+    for b in range(1, nb + 1):
+        sel = [p for p in paths if p["block"] == b]
+        lin = sorted({p["l_in"] for p in sel})
+        lout = sorted({p["l_out"] for p in sel})
+        acc = np.zeros((len(lin), len(lout)))
+        cnt = np.zeros_like(acc)
+        for p in sel:
+            i, j = lin.index(p["l_in"]), lout.index(p["l_out"])
+            acc[i, j] += p["rms"] ** 2
+            cnt[i, j] += 1
+        grid = np.where(cnt > 0, np.sqrt(acc / np.maximum(cnt, 1)), np.nan)
+        ax = axes[0, b - 1]
+        _heat(ax, grid, lout, lin, f"block {b}", "{:.2f}")
+        ax.set_xlabel("l_out")
+        ax.set_ylabel("l_in")
+    fig.suptitle("RMS of per-edge tensor-product weights (over l_edge)", fontsize=10)
+    return fig
+
+
+def map_figure(name: str, coords: np.ndarray, colours: dict[str, np.ndarray], scores: dict[str, Any], method: str) -> plt.Figure:
+    """One latent map coloured by each colouring."""
+    n = len(colours)
+    cols = 4
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), constrained_layout=True, squeeze=False)
+    for ax, (label, values) in zip(axes.flat, colours.items()):
+        sc = ax.scatter(coords[:, 0], coords[:, 1], c=values, s=3, cmap="viridis", rasterized=True)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        plt.colorbar(sc, ax=ax, shrink=0.8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    knn, trust = scores.get("knn_r2"), scores.get("trustworthiness")
+    fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    fig.suptitle(f"{method.upper()} map of {name} (kNN R^2 {fmt(knn)}, trustworthiness {fmt(trust)})", fontsize=10)
+    return fig
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    return "n/a" if v is None else str(v)
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """A few plain sentences: MAE, the all-blocks ablation per order, unused orders, suggested list."""
+    unit = result.get("unit") or ""
+    alls = {r["order"]: r["ablation_delta_mae_ev"] for r in result["rows"] if r["block"] == "all"}
+    effects = ", ".join(f"l={l}: {_fmt(v)} {unit}" for l, v in alls.items())
+    unused = result["unused_orders"]
+    parts = [
+        f"On {result['n_molecules']} molecules of the {result.get('split', 'evaluated')} split the model's MAE is "
+        f"{result['model_mae']:.4g} {unit}.",
+        f"Zeroing one order after every block changes the MAE by: {effects}.",
+        f"An order counts as unused when that change is below {result['threshold']:.0%} of the model's MAE "
+        f"({result['threshold_ev']:.3g} {unit}).",
+    ]
+    if unused:
+        parts.append(f"Unused orders: {unused}. Suggested pruned order list: {result['suggested_orders']} (order 0 is always kept).")
+    else:
+        parts.append(f"Every analysed order is used; nothing to prune (orders {result['orders']}).")
+    return " ".join(parts)
+
+
+def _table(rows: list[dict[str, Any]], fields: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(f)}</th>" for f in fields)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(f)))}</td>" for f in fields) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_analysis_report(
+    out: Path, result: dict[str, Any], config_yaml: str, test_metrics: dict[str, Any] | None, progress: bool = False
+) -> list[Path]:
+    """Write the PNGs and report.html into ``out``; returns the paths written."""
+    from irrepscope.analysis.usage import FIELDS
+
+    images: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
+    images.append(("usage.png", "Usage measures per block and order", figure_png(usage_figure(result), dpi=100)))
+    pfig = paths_figure(result)
+    if pfig is not None:
+        images.append(("paths.png", "Tensor-product path weights", figure_png(pfig, dpi=100)))
+    maps = result.get("_maps", {})
+    for name, coords in maps.get("coords", {}).items():
+        fig = map_figure(name, coords, maps["colours"], result["maps"][name], result["embedding"])
+        fname = "map_" + name.replace("=", "").replace(" ", "_") + ".png"
+        images.append((fname, f"Latent map: {name}", figure_png(fig, dpi=80)))
+    written = []
+    for fname, _, png in images:
+        written.append(atomic_write(out / fname, lambda f, png=png: f.write(png)))
+    metrics = {"split": result.get("split"), "molecules": result["n_molecules"], "MAE": result["model_mae"], "RMSE": result["model_rmse"]}
+    test_html = _table([test_metrics], list(test_metrics)) if test_metrics else "<p>No test.json in the run.</p>"
+    map_rows = [{"map": k, **v} for k, v in result["maps"].items()]
+    paths_rows = result["paths"]
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>irrepscope analysis: {html.escape(str(result.get('run', '')))}</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}}img{{max-width:100%}}
+pre{{background:#f6f6f6;padding:1em}}.summary{{font-size:16px;background:#eef5ff;padding:1em}}</style></head>
+<body><h1>Order usage analysis</h1>
+<p>Run: <code>{html.escape(str(result.get('run', '')))}</code>, checkpoint {html.escape(str(result.get('checkpoint', '')))},
+target {html.escape(result['target'])} ({html.escape(result.get('unit') or '')}).</p>
+<h2>Summary</h2><p class="summary">{html.escape(summary_text(result))}</p>
+<h2>Metrics</h2><p>On the analysed molecules of the run's own saved split:</p>{_table([metrics], list(metrics))}
+<p>The run's test.json:</p>{test_html}
+<h2>Usage</h2>
+<p><b>ablation_delta_mae_ev</b>: MAE with the order zeroed after that block minus the model's MAE (block "all": after every block,
+on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_input</b>: per atom, sum over copies of |&lt;dpred/dx, x&gt;|
+(rotation invariant). <b>norm_share</b>: share of the squared feature norm (atoms / pooled molecules). <b>probe_r2</b>: ridge probe
+of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
+<b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE.
+The readout reads only l = 0, so zeroing l &gt; 0 at the last block has no effect by construction.</p>
+{_table(result['rows'], FIELDS)}
+{''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('usage.png', 'paths.png'))}
+<h2>Latent space</h2>
+<p>{html.escape(result['embedding'].upper())} maps (knn 10) of the sum-pooled last-block graph embedding on {result['map_molecules']} molecules,
+from rotation-invariant inputs only: l = 0 as it is, l &gt; 0 the norm of each copy; columns standardised. kNN R^2: 10-nearest-neighbour
+regression of the target inside the 2-D map (5-fold CV); trustworthiness: sklearn, 10 neighbours.</p>
+{_table(map_rows, ['map', 'knn_r2', 'trustworthiness', 'n'])}
+{''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f.startswith('map_'))}
+<h2>Tensor-product path weights</h2>
+<details><summary>RMS of the per-edge weights of every path ({len(paths_rows)} paths)</summary>{_table(paths_rows, ['block', 'l_in', 'l_edge', 'l_out', 'rms'])}</details>
+<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre>
+<h2>Stage timings (s)</h2>{_table([result['timings_s']], list(result['timings_s']))}
+</body></html>
+"""
+    written.append(atomic_write_text(out / "report.html", doc))
+    return written

@@ -1,0 +1,247 @@
+"""The order-usage analysis: checks whose answers are known by construction, invariance, bad input, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from helpers import run_cli
+from irrepscope.analysis import complexity, latent, usage
+from irrepscope.analysis.features import collect, rerun_ablation
+from irrepscope.analysis.runner import analyze_model, check_orders
+from irrepscope.config import ModelConfig
+from irrepscope.data import collate
+from irrepscope.errors import IrrepscopeError
+from irrepscope.model.network import build_model
+
+EVAL = np.arange(100, 122)
+TRAIN = np.arange(1000, 1040)
+COMMON = dict(target="U0_atomization", graph="bond", cutoff=6.0, batch_size=16)
+
+
+def tiny(orders=(0, 1, 2), mul=3, blocks=2, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(orders=list(orders), hidden_mul=mul, num_blocks=blocks))
+    model.set_target_stats(-70.0, 10.0)
+    return model.to(dtype).eval()
+
+
+def zero_order_paths(model, l: int) -> None:
+    """Zero the radial MLP's output columns of every path that reads or writes order ``l``, in every block."""
+    with torch.no_grad():
+        for block in model.blocks:
+            start = 0
+            for ins in block.tp.instructions:
+                n = int(np.prod(ins.path_shape))
+                if block.tp.irreps_in1[ins.i_in1].ir.l == l or block.tp.irreps_out[ins.i_out].ir.l == l:
+                    block.fc.layer1.weight[:, start : start + n] = 0
+                start += n
+
+
+def rows_of(model, mols, **kw):
+    ev = collect(model, mols, EVAL, gradients=True, **COMMON)
+    probe = collect(model, mols, TRAIN, gradients=False, **COMMON)
+    batch = collate(mols, EVAL, None, dtype=torch.float64)
+    all_blocks = {l: usage.mae(rerun_ablation(model, batch, None, l).numpy(), ev.target) - usage.mae(ev.prediction, ev.target) for l in model.orders}
+    return ev, usage.usage_rows(ev, all_blocks, probe)
+
+
+def test_order_split_matches_e3nn_slices(qm9):
+    model = tiny(orders=(0, 1, 3), mul=2)
+    ev = collect(model, qm9, EVAL, gradients=False, **COMMON)
+    batch = collate(qm9, EVAL, None, dtype=torch.float64)
+    with torch.no_grad():
+        graph = model(batch, return_features=True).graph_features
+    for (mul, ir), sl in zip(model.irreps_hidden, model.irreps_hidden.slices()):
+        block = graph[:, sl].reshape(len(EVAL), mul, ir.dim)
+        expect = block[..., 0] if ir.l == 0 else block.norm(dim=-1)
+        np.testing.assert_allclose(ev.graph_invariants[-1][ir.l], expect.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_ablation_equals_rerun(qm9):
+    """The linear-model shortcut gives the same ablated predictions as re-running the later blocks."""
+    model = tiny(blocks=3)
+    ev = collect(model, qm9, EVAL, gradients=True, **COMMON)
+    batch = collate(qm9, EVAL, None, dtype=torch.float64)
+    for b in range(3):
+        for j, l in enumerate(model.orders):
+            np.testing.assert_allclose(ev.ablation_prediction[b, j], rerun_ablation(model, batch, b, l).numpy(), rtol=1e-9, atol=1e-9)
+    # The readout reads only 0e: zeroing l > 0 at the last block changes nothing.
+    np.testing.assert_allclose(ev.ablation_prediction[-1, 1:], np.broadcast_to(ev.prediction, ev.ablation_prediction[-1, 1:].shape), atol=1e-10)
+
+
+def test_zeroed_order_has_no_effect_and_no_gradient(qm9):
+    model = tiny(blocks=3)
+    zero_order_paths(model, 2)
+    ev, rows = rows_of(model, qm9)
+    for r in rows:
+        if r["order"] == 2:
+            assert abs(r["ablation_delta_mae_ev"]) < 1e-9, r
+            assert r["verdict"] == "unused"
+            if r["block"] != "all":
+                assert r["grad_x_input"] < 1e-12 and r["norm_share_node"] < 1e-20
+    # ...but the other orders still do something, so the check is not vacuous
+    assert any(r["order"] == 1 and r["block"] == 1 and r["ablation_delta_mae_ev"] != 0 for r in rows)
+    unused, suggested = usage.decide_orders(model.orders, rows)
+    assert 2 in unused and suggested[0] == 0 and 2 not in suggested
+    # the path-weight RMS of those paths is zero too
+    paths = usage.path_weight_rms(model, ev)
+    assert all(p["rms"] == 0 for p in paths if p["l_in"] == 2 or p["l_out"] == 2)
+    assert any(p["rms"] > 0 for p in paths)
+
+
+def test_zeroing_order_zero_changes_predictions(qm9):
+    model = tiny()
+    batch = collate(qm9, EVAL, None, dtype=torch.float64)
+    with torch.no_grad():
+        base = model(batch).prediction
+    assert (rerun_ablation(model, batch, None, 0) - base).abs().max() > 1e-3
+    assert (rerun_ablation(model, batch, 1, 0) - base).abs().max() > 1e-3
+
+
+def test_path_weight_rms_matches_direct(qm9):
+    model = tiny(blocks=2)
+    ev = collect(model, qm9, EVAL, gradients=True, **{**COMMON, "batch_size": 7})
+    batch = collate(qm9, EVAL, None, dtype=torch.float64)
+    edges = model.edge_geometry(batch)
+    got = usage.path_weight_rms(model, ev)
+    k = 0
+    with torch.no_grad():
+        for b, block in enumerate(model.blocks):
+            w = block.fc(edges.radial)
+            start = 0
+            for ins in block.tp.instructions:
+                n = int(np.prod(ins.path_shape))
+                assert got[k]["block"] == b + 1
+                assert got[k]["rms"] == pytest.approx(float(w[:, start : start + n].pow(2).mean().sqrt()), rel=1e-9)
+                start += n
+                k += 1
+    assert k == len(got)
+
+
+def rotated(mols, indices, seed=1):
+    """A copy of ``mols`` where each molecule of ``indices`` is rotated by its own random rotation."""
+    pos = mols.positions.copy()
+    torch.manual_seed(seed)
+    for i in indices:
+        a, b = mols.atom_ptr[i], mols.atom_ptr[i + 1]
+        pos[a:b] = pos[a:b] @ o3.rand_matrix(dtype=torch.float64).numpy().T
+    return dataclasses.replace(mols, positions=pos)
+
+
+def test_rotation_leaves_usage_and_map_inputs_unchanged(qm9):
+    model = tiny(orders=(0, 1, 3), mul=2, blocks=2)
+    rot = rotated(qm9, np.concatenate([EVAL, TRAIN]))
+    ev, rows = rows_of(model, qm9)
+    ev_r, rows_r = rows_of(model, rot)
+    assert not np.allclose(rot.positions[qm9.atom_ptr[EVAL[0]]], qm9.positions[qm9.atom_ptr[EVAL[0]]])
+    for r, rr in zip(rows, rows_r):
+        for key in usage.FIELDS:
+            if isinstance(r[key], float):
+                np.testing.assert_allclose(rr[key], r[key], rtol=1e-7, atol=1e-9, equal_nan=True, err_msg=key)
+            else:
+                assert r[key] == rr[key]
+    for b in range(2):
+        inp, inp_r = latent.map_inputs(ev.graph_invariants[b]), latent.map_inputs(ev_r.graph_invariants[b])
+        for name in inp:
+            np.testing.assert_allclose(inp_r[name], inp[name], rtol=1e-8, atol=1e-10)
+
+
+def test_probe_recovers_planted_target(qm9):
+    model = tiny(orders=(0, 1, 2), mul=4)
+    train = collect(model, qm9, TRAIN, gradients=False, **COMMON)
+    ev = collect(model, qm9, EVAL, gradients=False, **COMMON)
+    w = np.random.default_rng(0).normal(size=4)
+    planted_train = train.graph_invariants[-1][2] @ w
+    planted_eval = ev.graph_invariants[-1][2] @ w
+    r2 = {l: usage.probe_r2(train.graph_invariants[-1][l], planted_train, ev.graph_invariants[-1][l], planted_eval) for l in (0, 1, 2)}
+    assert r2[2] > 0.999
+    assert r2[0] < 0.9 and r2[1] < 0.9
+
+
+def test_verdict_threshold():
+    assert usage.verdict(0.0, 1.0) == "unused"
+    assert usage.verdict(0.009, 1.0) == "unused"
+    assert usage.verdict(-0.5, 1.0) == "unused"  # the model is better without it
+    assert usage.verdict(0.011, 1.0) == "used"
+
+
+def test_spatial_score():
+    s = complexity.spatial_score("C[C@H](O)C1CC1")
+    assert all(np.isfinite(v) for v in s.values()) and s["nsps"] > 0
+    assert all(np.isnan(v) for v in complexity.spatial_score("not a smiles").values())
+
+
+def test_structure_scores_see_structure():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4))
+    y2 = latent.embed_2d(x, "pca")
+    good = latent.structure_scores(x, y2, y2[:, 0] + 0.01 * rng.normal(size=300))
+    bad = latent.structure_scores(x, y2, rng.normal(size=300))
+    assert good["knn_r2"] > 0.9 > bad["knn_r2"]
+    assert 0 < good["trustworthiness"] <= 1
+    assert np.all(latent.embed_2d(np.ones((20, 3)), "phate") == 0)  # featureless input: no map, no crash
+
+
+def test_analyze_model_orders_and_empty(qm9):
+    model = tiny()
+    with pytest.raises(IrrepscopeError, match="no order"):
+        check_orders([0, 4], model.orders)
+    with pytest.raises(IrrepscopeError, match="empty"):
+        analyze_model(model, qm9, EVAL[:0], TRAIN, target="U0_atomization", progress=False)
+    res = analyze_model(model, qm9, EVAL, TRAIN, orders=[0, 2], target="U0_atomization", embedding="pca", map_molecules=22, progress=False)
+    assert {r["order"] for r in res["rows"]} == {0, 2} and res["suggested_orders"][0] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("an") / "run"
+    assert run_cli("train", "configs/quick/tiny.yaml", "--out", str(run), "--quiet", "--set", "data.limit=300", "--set", "train.epochs=1") == 0
+    return run
+
+
+def test_analyze_cli_end_to_end(tiny_run):
+    assert run_cli("analyze", str(tiny_run), "--embedding", "pca", "--quiet") == 0
+    out = tiny_run / "analysis"
+    for name in ("usage.csv", "usage.json", "report.html", "usage.png", "paths.png", "map_joint.png", "map_l1.png"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "suggested pruned order list" in html.lower() or "nothing to prune" in html
+    data = json.loads((out / "usage.json").read_text())
+    for key in ("orders", "unused_orders", "suggested_orders", "threshold", "model_mae", "rows", "paths", "maps"):
+        assert key in data
+    assert set(data["maps"]) == {"l=0", "l=1", "l=2", "joint"}
+    lines = (out / "usage.csv").read_text().splitlines()
+    assert lines[0].startswith("block,order,norm_share_node") and len(lines) == 1 + 3 * 2 + 3
+    assert data["n_molecules"] == 30  # the run's own test split (10 % of 300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--orders", "0,5"], "no order"),
+        (["--max-molecules", "0"], "empty"),
+        (["--orders", "a"], "comma-separated"),
+    ],
+)
+def test_analyze_cli_bad_input(tiny_run, capsys, args, message):
+    assert run_cli("analyze", str(tiny_run), "--quiet", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_analyze_cli_missing_checkpoint(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "nockpt"
+    run.mkdir()
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    shutil.copy(tiny_run / "split.json", run / "split.json")
+    assert run_cli("analyze", str(run), "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint not found" in err and "\n" not in err
