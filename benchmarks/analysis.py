@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from irrepscope.analysis.runner import MAP_MOLECULES, PROBE_MOLECULES, analyze_model
+from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES, analyze_model
 from irrepscope.config import ModelConfig
 from irrepscope.data import load_qm9, random_split
 from irrepscope.model.network import build_model
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--orders", default="0,1,2,3,4,5,6")
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--max-molecules", type=int, default=None, help="shrink the test split (default: all 13,083)")
-    ap.add_argument("--ablation-molecules", type=int, default=None)
+    ap.add_argument("--ablation-molecules", type=int, default=ABLATION_MOLECULES)
     ap.add_argument("--map-molecules", type=int, default=MAP_MOLECULES)
     ap.add_argument("--probe-molecules", type=int, default=PROBE_MOLECULES)
     ap.add_argument("--embedding", default="phate", choices=["phate", "umap", "pca"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES
 from irrepscope.config import load_config
 from irrepscope.errors import IrrepscopeError
 
@@ -174,9 +175,9 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--max-molecules", type=int, default=None, help="Analyse only the first N molecules of the split.")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
 @click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
-@click.option("--map-molecules", type=int, default=3000, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
-@click.option("--probe-molecules", type=int, default=2000, show_default=True, help="Training molecules the linear probes are fit on.")
-@click.option("--ablation-molecules", type=int, default=None, help="Molecules for the all-blocks ablation [default: all].")
+@click.option("--map-molecules", type=int, default=MAP_MOLECULES, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
+@click.option("--probe-molecules", type=int, default=PROBE_MOLECULES, show_default=True, help="Training molecules the linear probes are fit on.")
+@click.option("--ablation-molecules", type=int, default=ABLATION_MOLECULES, show_default=True, help="Molecules (seeded subset) for the all-blocks ablation.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

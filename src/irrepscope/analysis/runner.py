@@ -29,7 +29,10 @@ from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
 
 SPLITS = ("test", "val", "train")
-MAP_MOLECULES = 3000  # PHATE on 13k points takes minutes; maps use a seeded subset (--map-molecules)
+MAP_MOLECULES = 2000  # PHATE on 13k points takes minutes; maps use a seeded subset (--map-molecules)
+# The all-blocks ablation re-runs 4 of 5 blocks once per order; it is a paired comparison
+# (same molecules with and without the order), so a seeded subset measures it tightly.
+ABLATION_MOLECULES = 4000
 PROBE_MOLECULES = 2000  # the probe is fit on this many molecules of the training split
 
 
@@ -72,7 +75,7 @@ def analyze_model(
     embedding: str = "phate",
     map_molecules: int | None = MAP_MOLECULES,
     probe_molecules: int | None = PROBE_MOLECULES,
-    ablation_molecules: int | None = None,
+    ablation_molecules: int | None = ABLATION_MOLECULES,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
@@ -195,7 +198,7 @@ def analyze_run(
     orders: list[int] | None = None,
     map_molecules: int | None = MAP_MOLECULES,
     probe_molecules: int | None = PROBE_MOLECULES,
-    ablation_molecules: int | None = None,
+    ablation_molecules: int | None = ABLATION_MOLECULES,
     checkpoint: str = "best",
     device: str = "cpu",
     batch_size: int = 256,
