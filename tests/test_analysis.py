@@ -12,7 +12,7 @@ from e3nn import o3
 
 from helpers import run_cli
 from irrepscope.analysis import complexity, latent, usage
-from irrepscope.analysis.features import collect, rerun_ablation
+from irrepscope.analysis.features import all_blocks_ablation, collect, rerun_ablation
 from irrepscope.analysis.runner import analyze_model, check_orders
 from irrepscope.config import ModelConfig
 from irrepscope.data import collate
@@ -73,6 +73,21 @@ def test_gradient_ablation_equals_rerun(qm9):
             np.testing.assert_allclose(ev.ablation_prediction[b, j], rerun_ablation(model, batch, b, l).numpy(), rtol=1e-9, atol=1e-9)
     # The readout reads only 0e: zeroing l > 0 at the last block changes nothing.
     np.testing.assert_allclose(ev.ablation_prediction[-1, 1:], np.broadcast_to(ev.prediction, ev.ablation_prediction[-1, 1:].shape), atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["e3nn", "fast"])
+def test_all_blocks_ablation_leaves_the_order_out_exactly(qm9, backend):
+    """Leaving an order out of every block gives the predictions of zeroing it after every block."""
+    model = tiny(orders=(0, 2, 3), blocks=3)
+    model.set_backend(backend)
+    batch = collate(qm9, EVAL, None, dtype=torch.float64)
+    got = all_blocks_ablation(model, batch, model.orders)
+    with torch.no_grad():
+        base = model(batch).prediction
+    for l in model.orders:
+        want = rerun_ablation(model, batch, None, l)
+        torch.testing.assert_close(got[l], want, rtol=1e-10, atol=1e-10)
+        assert (want - base).abs().max() > 1e-6  # the ablation does something: the check is not vacuous
 
 
 def test_zeroed_order_has_no_effect_and_no_gradient(qm9):

@@ -172,7 +172,7 @@ def _order_list(value: str | None) -> list[int] | None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@click.option("--max-molecules", type=int, default=None, help="Analyse only the first N molecules of the split.")
+@click.option("--max-molecules", type=int, default=None, help="Analyse a seeded random subset of N molecules of the split.")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
 @click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
 @click.option("--map-molecules", type=int, default=MAP_MOLECULES, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")

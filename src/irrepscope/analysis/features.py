@@ -7,7 +7,9 @@ affine function of the node features after any block ``b``, and zeroing order ``
 there changes the prediction by exactly ``-sum_atoms <dpred/dx_b^l, x_b^l>``. One
 backward pass therefore gives the ablation effect of every (block, order) at once,
 instead of re-running the later blocks 35 times; :func:`rerun_ablation` does it the
-direct way, and the tests check that both agree.
+direct way, and the tests check that both agree. Zeroing an order after *every* block
+cannot be read off one gradient: :func:`all_blocks_ablation` re-runs the model once per
+order, with the order left out of every block (``restricted``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from irrepscope.analysis.restricted import OrderRemovedModel
 from irrepscope.data.batching import Batch, iterate_batches
 from irrepscope.data.qm9 import Molecules
 from irrepscope.model.fast_tp import _split_fc
@@ -80,19 +83,25 @@ def rerun_ablation(model: EquivariantGraphConv, batch: Batch, block: int | None,
 
 
 def all_blocks_ablation(
-    model: EquivariantGraphConv, batch: Batch, orders: list[int]
+    model: EquivariantGraphConv,
+    batch: Batch,
+    orders: list[int],
+    removed: dict[int, OrderRemovedModel] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Predictions with each order zeroed after every block; the first block runs once for all orders."""
-    out = {}
-    with torch.no_grad():
-        edges = model.edge_geometry(batch)
-        x0 = model.blocks[0](model.embedding(batch.z).to(batch.pos.dtype), edges)
-        for l in orders:
-            x = zero_order(x0, model, l)
-            for block in model.blocks[1:]:
-                x = zero_order(block(x, edges), model, l)
-            out[l] = _readout(model, x, batch)
-    return out
+    """Predictions with each order zeroed after every block.
+
+    Each order is left out of every block (:class:`OrderRemovedModel`) rather than computed
+    and discarded: the same numbers for about half the work. Build ``removed`` once with
+    :func:`order_removed_models` and pass it for every batch.
+    """
+    removed = removed if removed is not None else order_removed_models(model, orders)
+    edges = model.edge_geometry(batch)
+    return {l: removed[l](batch, edges) for l in orders}
+
+
+def order_removed_models(model: EquivariantGraphConv, orders: list[int]) -> dict[int, OrderRemovedModel]:
+    """One :class:`OrderRemovedModel` per order (copies of the weights: rebuild after changing the model)."""
+    return {l: OrderRemovedModel(model, l) for l in orders}
 
 
 def collect(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from irrepscope.analysis import complexity, latent, usage
-from irrepscope.analysis.features import SplitPass, all_blocks_ablation, collect
+from irrepscope.analysis.features import SplitPass, all_blocks_ablation, collect, order_removed_models
 from irrepscope.atomic import atomic_write_json, atomic_write_text
 from irrepscope.data.batching import iterate_batches
 from irrepscope.data.qm9 import PROPERTIES, Molecules
@@ -100,11 +100,12 @@ def analyze_model(
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     ablated = {l: [] for l in orders}
+    removed = order_removed_models(model, orders)
     batches = iterate_batches(
         mols, eval_indices[abl_pos], batch_size, shuffle=False, target=None, graph=graph, cutoff=cutoff, dtype=dtype
     )
     for batch in bar(batches, math.ceil(len(abl_pos) / batch_size), "all-blocks ablation"):
-        for l, p in all_blocks_ablation(model, batch.to(device), orders).items():
+        for l, p in all_blocks_ablation(model, batch.to(device), orders, removed).items():
             ablated[l].append(p.double().cpu().numpy())
     base_sub = usage.mae(ev.prediction[abl_pos], ev.target[abl_pos])
     all_blocks = {l: usage.mae(np.concatenate(ablated[l]), ev.target[abl_pos]) - base_sub for l in orders}
@@ -224,7 +225,8 @@ def analyze_run(
     splits = load_split(run.split)
     indices = np.asarray(splits[split], dtype=np.int64)
     if max_molecules is not None:
-        indices = indices[:max_molecules]
+        # A seeded random subset: QM9 is ordered by size, so the first N of a split are its smallest molecules.
+        indices = indices[_subset(len(indices), max_molecules, seed)]
     if len(indices) == 0:
         raise IrrepscopeError(f"the {split} split of {run.root} is empty (after --max-molecules)")
     mols = load_qm9(config.data.cache_dir, progress=False)
