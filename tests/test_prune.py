@@ -42,3 +42,22 @@ def test_pruned_config_keeps_budget_and_seed(tmp_path):
 
     with pytest.raises(IrrepscopeError, match="unused_orders"):
         read_usage(run)
+
+
+def test_unused_at_threshold():
+    from irrepscope.sweeps.prune import unused_at
+
+    usage = {
+        "model_mae": 2.0,
+        "rows": [
+            {"block": "all", "order": 0, "ablation_delta_mae_ev": 0.0},
+            {"block": "all", "order": 1, "ablation_delta_mae_ev": 0.05},
+            {"block": "all", "order": 2, "ablation_delta_mae_ev": 0.5},
+            {"block": 1, "order": 2, "ablation_delta_mae_ev": 0.0},
+            {"block": "all", "order": 3, "ablation_delta_mae_ev": -0.1},
+        ],
+    }
+    assert unused_at(usage, 0.01) == [3]  # 1 % of 2 eV = 0.02 eV; order 0 never
+    assert unused_at(usage, 0.05) == [1, 3]
+    with pytest.raises(IrrepscopeError):
+        unused_at(usage, -1)

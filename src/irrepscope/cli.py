@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES
+from irrepscope.analysis.usage import THRESHOLD
 from irrepscope.config import load_config
 from irrepscope.errors import IrrepscopeError
 
@@ -130,16 +131,19 @@ def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--train", "do_train", is_flag=True, help="Train the pruned config with the same budget and seed, then compare.")
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Pruned run directory [default: RUN_DIR-pruned].")
+@click.option("--threshold", type=float, default=None, help="Re-decide the verdicts with this threshold [default: the analysis's].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def prune(run_dir: str, do_train: bool, out: str | None, quiet: bool) -> None:
+def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None, quiet: bool) -> None:
     """Write RUN_DIR/pruned.yaml without the orders the analysis found unused; --train trains and compares it."""
     from irrepscope.atomic import atomic_write_text
-    from irrepscope.sweeps.prune import comparison_markdown, pruned_config, read_usage, write_comparison
+    from irrepscope.sweeps.prune import comparison_markdown, pruned_config, read_usage, unused_at, write_comparison
     from irrepscope.training.runs import RunDir
     from irrepscope.training.trainer import train as train_run
 
     original = RunDir.at(run_dir).require()
     usage = read_usage(run_dir)
+    if threshold is not None:
+        usage["unused_orders"] = unused_at(usage, threshold)
     config = pruned_config(run_dir, usage)
     target = Path(run_dir) / "pruned.yaml"
     atomic_write_text(target, config.to_yaml())
@@ -178,6 +182,7 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--map-molecules", type=int, default=MAP_MOLECULES, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
 @click.option("--probe-molecules", type=int, default=PROBE_MOLECULES, show_default=True, help="Training molecules the linear probes are fit on.")
 @click.option("--ablation-molecules", type=int, default=ABLATION_MOLECULES, show_default=True, help="Molecules (seeded subset) for the all-blocks ablation.")
+@click.option("--threshold", type=float, default=THRESHOLD, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -191,6 +196,7 @@ def analyze(
     map_molecules: int,
     probe_molecules: int,
     ablation_molecules: int | None,
+    threshold: float,
     checkpoint: str,
     batch_size: int,
     device: str,
@@ -213,6 +219,7 @@ def analyze(
         map_molecules=map_molecules,
         probe_molecules=probe_molecules,
         ablation_molecules=ablation_molecules,
+        threshold=threshold,
         checkpoint=checkpoint,
         device=device,
         batch_size=batch_size,

@@ -78,6 +78,7 @@ def analyze_model(
     ablation_molecules: int | None = ABLATION_MOLECULES,
     batch_size: int = 256,
     seed: int = 0,
+    threshold: float = usage.THRESHOLD,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every analysis stage on ``mols[eval_indices]``; returns the usage.json content plus map arrays (key ``_maps``)."""
@@ -118,7 +119,7 @@ def analyze_model(
         if len(probe_idx) >= 2
         else None
     )
-    rows = usage.usage_rows(ev, all_blocks, probe)
+    rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold)
     paths = usage.path_weight_rms(model, ev)
     timings["probe_usage"] = time.perf_counter() - t
 
@@ -145,8 +146,8 @@ def analyze_model(
         "analysed_orders": orders,
         "unused_orders": unused,
         "suggested_orders": suggested,
-        "threshold": usage.THRESHOLD,
-        "threshold_ev": usage.THRESHOLD * model_mae,
+        "threshold": threshold,
+        "threshold_ev": threshold * model_mae,
         "threshold_rule": "unused if zeroing the order after every block raises the MAE by less than threshold x model MAE",
         "embedding": embedding,
         "map_molecules": int(len(map_pos)),
@@ -204,6 +205,7 @@ def analyze_run(
     device: str = "cpu",
     batch_size: int = 256,
     seed: int = 0,
+    threshold: float = usage.THRESHOLD,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Analyse a run on its own saved split and write ``RUN_DIR/analysis/``; returns usage.json's content."""
@@ -247,6 +249,7 @@ def analyze_run(
             ablation_molecules=ablation_molecules,
             batch_size=batch_size,
             seed=seed,
+            threshold=threshold,
             progress=progress,
         )
     result = {"run": str(run.root), "split": split, "checkpoint": checkpoint, **result}

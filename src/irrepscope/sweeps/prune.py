@@ -46,6 +46,18 @@ def read_usage(run_dir: str | Path, analyze_if_missing: bool = True) -> dict[str
     return usage
 
 
+def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
+    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE."""
+    if not threshold >= 0:
+        raise IrrepscopeError(f"--threshold must be >= 0, got {threshold}")
+    limit = threshold * usage["model_mae"]
+    return sorted(
+        int(r["order"])
+        for r in usage["rows"]
+        if r["block"] == "all" and int(r["order"]) != 0 and r["ablation_delta_mae_ev"] < limit
+    )
+
+
 def pruned_config(run_dir: str | Path, usage: dict[str, Any]) -> Config:
     """The run's own config (same budget, seed and split) with the unused orders removed."""
     config = RunDir.at(run_dir).load_config()
