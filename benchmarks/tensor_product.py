@@ -17,10 +17,7 @@ PyTorch's CPU allocator, replayed from the profiler's memory events
 tensors only (not the interpreter, libraries or allocator slack) and net allocations
 made and freed within one operator.
 
-Data: real QM9 bond-graph batches when ``irrepscope.data`` can load QM9 (``--data qm9``
-or ``auto``), else synthetic molecules with QM9-like statistics (``--data synthetic``:
-18 atoms, a random tree with one or two ring bonds, about 37 directed edges, bonds of
-1.0-1.5 Å).
+Data: real QM9 bond-graph batches (shuffled with a fixed seed).
 
     python benchmarks/tensor_product.py                      # all configurations, a table
     python benchmarks/tensor_product.py --json --configs 0-2/32 0-6/16 --steps 5
@@ -31,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from types import SimpleNamespace
 
@@ -82,64 +78,6 @@ def qm9_batches(n: int, batch_size: int, dtype: torch.dtype, seed: int = 0) -> l
         mols, np.arange(len(mols)), batch_size, shuffle=True, seed=seed, target="U0_atomization", dtype=dtype
     )
     return [next(it) for _ in range(n)]
-
-
-def synthetic_batches(n: int, batch_size: int, dtype: torch.dtype, seed: int = 0) -> list:
-    """QM9-like bond graphs: 18 atoms as a random tree of 1.0-1.5 Å bonds plus 1-2 ring bonds."""
-    gen = torch.Generator().manual_seed(seed)
-    elements = torch.tensor([1, 6, 7, 8, 9])
-    freq = torch.tensor([0.51, 0.35, 0.056, 0.078, 0.006])
-    batches = []
-    for _ in range(n):
-        zs, pos, batch, src, dst, offset = [], [], [], [], [], 0
-        for mol in range(batch_size):
-            p, bonds = [torch.zeros(3, dtype=torch.float64)], []
-            while len(p) < 18:
-                parent = int(torch.randint(len(p), (1,), generator=gen))
-                d = torch.randn(3, generator=gen, dtype=torch.float64)
-                q = p[parent] + (1.0 + 0.5 * float(torch.rand((), generator=gen))) * d / d.norm()
-                if min(float((q - r).norm()) for r in p) > 0.95:
-                    bonds.append((parent, len(p)))
-                    p.append(q)
-            p = torch.stack(p)
-            dist = torch.cdist(p, p) + torch.eye(18) * 1e9
-            for i, j in bonds:
-                dist[i, j] = dist[j, i] = 1e9
-            for _ in range(1 + int(torch.randint(2, (1,), generator=gen))):  # ring-closing bonds
-                k = int(dist.argmin())
-                i, j = divmod(k, 18)
-                bonds.append((i, j))
-                dist[i, j] = dist[j, i] = 1e9
-            for i, j in bonds:
-                src += [i + offset, j + offset]
-                dst += [j + offset, i + offset]
-            zs.append(elements[torch.multinomial(freq, 18, replacement=True, generator=gen)])
-            pos.append(p)
-            batch += [mol] * 18
-            offset += 18
-        batches.append(
-            SimpleNamespace(
-                z=torch.cat(zs),
-                pos=torch.cat(pos).to(dtype),
-                batch=torch.tensor(batch),
-                edge_src=torch.tensor(src),
-                edge_dst=torch.tensor(dst),
-                num_graphs=batch_size,
-                y=TARGET_MEAN + TARGET_STD * torch.randn(batch_size, generator=gen, dtype=torch.float64).to(dtype),
-            )
-        )
-    return batches
-
-
-def load_batches(kind: str, n: int, batch_size: int, dtype: torch.dtype) -> tuple[list, str]:
-    if kind in ("auto", "qm9"):
-        try:
-            return qm9_batches(n, batch_size, dtype), "QM9 bond graphs"
-        except Exception as err:  # noqa: BLE001 - any failure to load real data falls back (or is fatal)
-            if kind == "qm9":
-                raise
-            print(f"# QM9 unavailable ({type(err).__name__}: {err}); using synthetic molecules", file=sys.stderr)
-    return synthetic_batches(n, batch_size, dtype), "synthetic QM9-like molecules"
 
 
 def to_device(batch, device: torch.device):
@@ -257,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--data", choices=["auto", "qm9", "synthetic"], default="auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration per line")
     args = parser.parse_args(argv)
@@ -275,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             e3nn_steps = args.e3nn_steps
         plans.append((name, orders, mul, {"e3nn": e3nn_steps, "fast": fast_steps}))
     n_batches = 1 + max(max(p[3].values()) for p in plans)
-    batches, source = load_batches(args.data, min(n_batches, 64), args.batch_size, dtype)
+    batches, source = qm9_batches(min(n_batches, 64), args.batch_size, dtype), "QM9 bond graphs"
     batches = [to_device(b, device) for b in batches]
     edges = sum(b.edge_src.numel() for b in batches) / sum(b.num_graphs for b in batches)
     atoms = sum(b.z.numel() for b in batches) / sum(b.num_graphs for b in batches)
