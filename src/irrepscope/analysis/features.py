@@ -23,7 +23,7 @@ import torch
 from irrepscope.analysis.restricted import OrderRemovedModel
 from irrepscope.data.batching import Batch, iterate_batches
 from irrepscope.data.qm9 import Molecules
-from irrepscope.model.fast_tp import _split_fc
+from irrepscope.model.fast_tp import split_radial_mlp
 from irrepscope.model.network import EquivariantGraphConv
 from irrepscope.orders import invariant_norms, order_slices, split_by_order
 
@@ -179,7 +179,7 @@ def collect(
                 abl.append(abl_batch)
                 with torch.no_grad():
                     for b, block in enumerate(model.blocks):
-                        hidden, _ = _split_fc(block.fc, edges.radial)
+                        hidden, _ = split_radial_mlp(block.fc, edges.radial)
                         m = (hidden.double().T @ hidden.double()).cpu().numpy()
                         moments[b] = m if moments[b] is None else moments[b] + m
                 num_edges += int(batch.edge_src.numel())

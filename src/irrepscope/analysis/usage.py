@@ -28,7 +28,7 @@ import numpy as np
 
 from irrepscope.analysis.features import SplitPass
 from irrepscope.errors import IrrepscopeError
-from irrepscope.model.fast_tp import _split_fc
+from irrepscope.model.fast_tp import split_radial_mlp
 from irrepscope.model.network import EquivariantGraphConv
 
 # An order is unused when zeroing it in every block raises the MAE by less than 1 % of
@@ -137,7 +137,7 @@ def path_weight_rms(model: EquivariantGraphConv, eval_pass: SplitPass) -> list[d
         return []
     out = []
     for b, (block, moment) in enumerate(zip(model.blocks, eval_pass.path_moment)):
-        _, last = _split_fc(block.fc, block.fc.layer0.weight.new_zeros(1, block.fc.layer0.weight.shape[0]))
+        _, last = split_radial_mlp(block.fc, block.fc.layer0.weight.new_zeros(1, block.fc.layer0.weight.shape[0]))
         last = last.detach().double().cpu().numpy()  # [K, weight_numel]
         mean_sq = ((moment @ last) * last).sum(0) / eval_pass.num_edges
         start = 0

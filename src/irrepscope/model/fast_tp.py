@@ -436,7 +436,7 @@ class FastTensorProduct(torch.nn.Module):
             return self._rotate_out(z, frame, c, m_major=False)
         if radial is None or fc is None:
             raise ValueError("pass weights, or radial and fc")
-        hidden, last = _split_fc(fc, radial)
+        hidden, last = split_radial_mlp(fc, radial)
         z = self._couple_folded(self._rotate_in(x, frame, c, m_major=True), hidden.to(x.dtype), last.to(x.dtype), c)
         return self._rotate_out(z, frame, c, m_major=True)
 
@@ -549,7 +549,7 @@ def _outer(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.view(E * S, K * J)
 
 
-def _split_fc(fc: torch.nn.Module, radial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_radial_mlp(fc: torch.nn.Module, radial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run an e3nn ``FullyConnectedNet`` up to its last layer; return (hidden, scaled last weight)."""
     layers = list(fc.children())
     last = layers[-1]

@@ -84,11 +84,14 @@ def regression_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, 
     return {"mae_ev": float(np.mean(np.abs(err))), "rmse_ev": float(math.sqrt(np.mean(err**2))), "n": int(len(err))}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", which: str = "best", device: str = "cpu") -> dict[str, Any]:
-    """Metrics of a run's checkpoint on one of its own saved splits."""
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", which: str = "best", device: str = "cpu", mols: Molecules | None = None
+) -> dict[str, Any]:
+    """Metrics of a run's checkpoint on one of its own saved splits (``mols``: QM9 if already loaded)."""
     run = RunDir.at(run_dir).require()
     model, config, state = model_from_checkpoint(run.checkpoint(which), resolve_device(device))
-    mols = load_qm9(config.data.cache_dir, progress=False)
+    if mols is None:
+        mols = load_qm9(config.data.cache_dir, progress=False)
     indices = load_split(run.split)[split]
     pred = predict(model, mols, indices, config)
     metrics = regression_metrics(pred, mols.properties[config.data.target][indices])

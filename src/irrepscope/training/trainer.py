@@ -120,7 +120,7 @@ class Trainer:
                 f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  "
                 f"val MAE {1000 * val['mae_ev']:.1f} meV  ({n_mol / seconds:.0f} mol/s)"
             )
-        test = evaluate_run(self.run.root, "test", device=str(self.device))
+        test = evaluate_run(self.run.root, "test", device=str(self.device), mols=self.mols)
         self.run.write_test(test)
         return test
 
