@@ -119,3 +119,42 @@ def test_bad_sweep_files(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(IrrepscopeError, match=match):
         load_sweep(path)
+
+
+def test_sweep_analyze_gives_usage_and_paired_comparisons(sweep_file, capsys):
+    out = sweep_file.parent / "out"
+    assert run_cli("sweep", str(sweep_file), "--out", str(out), "--quiet", "--analyze") == 0
+    assert "4 analysed" in capsys.readouterr().out
+    sweep = load_sweep(sweep_file)
+    for spec in sweep.runs:
+        assert (out / spec.relpath / "analysis" / "usage.json").is_file()
+    # runs are trained seed by seed
+    assert [r.seed for r in sweep.runs] == [0, 0, 1, 1]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for row in rows:
+        test = json.loads((out / row["run"] / "test.json").read_text())
+        assert float(row["baseline_mae_ev"]) == pytest.approx(test["baseline_mae_ev"], rel=1e-12)
+        assert row["reference"] == "per_element"
+    summary = (out / "summary.md").read_text()
+    assert "Paired comparisons" in summary and "Order usage" in summary and "composition baseline" in summary
+    # a second call analyses nothing again
+    assert run_cli("sweep", str(sweep_file), "--out", str(out), "--quiet", "--analyze") == 0
+    assert "0 analysed" in capsys.readouterr().out
+
+
+def test_paired_comparison_and_usage_table_on_known_numbers():
+    from scipy import stats
+
+    from irrepscope.sweeps.summary import paired_comparisons, usage_table
+
+    rows = [{"variant": v, "seed": s, "test_mae_ev": m} for v, s, m in
+            [("a", 0, 1.0), ("a", 1, 2.0), ("a", 2, 3.5), ("b", 0, 1.5), ("b", 1, 2.1), ("b", 2, 4.5), ("c", 0, 9.0)]]  # fmt: skip
+    (pair,) = paired_comparisons(rows)  # c has one seed only: no comparison
+    assert (pair["a"], pair["b"], pair["seeds"], pair["a_better"]) == ("a", "b", 3, 3)
+    assert pair["diff_mean"] == pytest.approx((-0.5 - 0.1 - 1.0) / 3)
+    assert pair["p"] == pytest.approx(stats.ttest_rel([1, 2, 3.5], [1.5, 2.1, 4.5]).pvalue)
+    usage = [{"variant": "a", "seed": s, "order": 1, "delta_mae_ev": d, "verdict": v}
+             for s, d, v in [(0, 0.1, "used"), (1, 0.3, "used"), (2, 0.0, "unused")]]  # fmt: skip
+    (u,) = usage_table(usage)
+    assert u["delta_mean"] == pytest.approx(0.4 / 3) and u["delta_std"] == pytest.approx(0.15275252, rel=1e-6)
+    assert u["unused_in"] == 1

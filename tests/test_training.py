@@ -35,7 +35,8 @@ def test_run_directory_contents(trained):
 def test_training_lowers_the_loss(trained):
     rows = RunDir.at(trained).read_metrics()
     assert len(rows) == 3
-    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
+    # The tiny config subtracts per-element references: what is left to learn is the hard part.
+    assert float(rows[-1]["train_loss"]) < 0.9 * float(rows[0]["train_loss"])
     assert float(rows[-1]["val_mae_mev"]) < float(rows[0]["val_mae_mev"])
 
 

@@ -72,7 +72,10 @@ def train(config_path: str | None, out: str | None, resume_dir: str | None, over
         if not config_path or not out:
             raise IrrepscopeError("train needs CONFIG_PATH and --out RUN_DIR (or --resume RUN_DIR)")
         test = trainer.train(load_config(config_path, overrides), out, progress=not quiet)
-    click.echo(f"test MAE {test['mae_ev']:.4f} eV, RMSE {test['rmse_ev']:.4f} eV over {test['n']} molecules")
+    click.echo(
+        f"test MAE {test['mae_ev']:.4f} {test['unit']}, RMSE {test['rmse_ev']:.4f} {test['unit']} over {test['n']} molecules; "
+        f"composition baseline on the same molecules: MAE {test['baseline_mae_ev']:.4f} {test['unit']}"
+    )
 
 
 @cli.command()
@@ -113,15 +116,20 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Sweep directory [default: runs/sweeps/NAME].")
 @click.option("--workers", default=1, show_default=True, help="Runs trained in parallel (processes).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool) -> None:
+@click.option(
+    "--analyze", is_flag=True, help="Also analyse every finished run that has no analysis yet (order usage per seed in the summary)."
+)
+def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: bool) -> None:
     """Run a grid of configurations x seeds; re-running skips finished runs and resumes interrupted ones."""
     from irrepscope.report.sweep import write_sweep_report
-    from irrepscope.sweeps.runner import run_sweep
+    from irrepscope.sweeps.runner import analyze_sweep, run_sweep
     from irrepscope.sweeps.spec import load_sweep
 
     spec = load_sweep(sweep_file)
     out_dir = Path(out or Path("runs") / "sweeps" / spec.name)
     counts = run_sweep(spec, out_dir, workers=workers, progress=not quiet)
+    if analyze:
+        counts["analysed"] = analyze_sweep(spec, out_dir, progress=not quiet)
     paths = write_sweep_report(spec, out_dir)
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")

@@ -20,6 +20,16 @@ from irrepscope.orders import validate_orders
 
 BACKENDS = ("e3nn", "fast")
 GRAPHS = ("bond", "radius")
+REFERENCES = ("auto", "per_element", "none")
+SCHEDULES = ("none", "cosine", "plateau")
+
+# Keys added after the first release, with the value that reproduces how runs written
+# before them behaved. A run's own config.yaml and a checkpoint's embedded config are
+# always fully resolved, so a key missing there means the run predates it.
+LEGACY_VALUES: dict[str, dict[str, Any]] = {
+    "data": {"reference": "none"},
+    "train": {"warmup_epochs": 0.0, "ema_decay": None, "plateau_patience": 2, "plateau_factor": 0.5},
+}
 
 
 @dataclass
@@ -56,8 +66,12 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     limit: int | None = None  # use a seeded random subset of this many molecules
     cache_dir: str | None = None  # None: $IRREPSCOPE_CACHE or ~/.cache/irrepscope
+    # Per-element reference subtracted before standardising (fitted on the training split):
+    # auto = per_element for extensive targets (energies...), none for intensive ones.
+    reference: str = "auto"
 
     def validate(self) -> None:
+        from irrepscope.data.composition import is_extensive
         from irrepscope.data.qm9 import PROPERTIES
 
         if self.target not in PROPERTIES:
@@ -70,6 +84,15 @@ class DataConfig:
             raise IrrepscopeError(f"data.split fractions must be positive and sum to 1, got {self.split}")
         if self.limit is not None:
             _positive_int(self, "limit")
+        if self.reference not in REFERENCES:
+            raise IrrepscopeError(f"data.reference must be one of {REFERENCES}, got {self.reference!r}")
+        if self.reference == "auto":
+            self.reference = "per_element" if is_extensive(self.target) else "none"
+        elif self.reference == "per_element" and not is_extensive(self.target):
+            raise IrrepscopeError(
+                f"data.reference: per_element makes no sense for the intensive target {self.target!r} "
+                "(it does not grow with the number of atoms); use none"
+            )
 
 
 @dataclass
@@ -80,7 +103,11 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01  # AdamW's default
-    schedule: str = "none"  # none | cosine
+    schedule: str = "none"  # none | cosine | plateau (halve the lr when validation stalls)
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up over this many epochs
+    ema_decay: float | None = None  # exponential moving average of the weights (evaluated and saved)
+    plateau_patience: int = 2  # plateau: epochs without a new best validation MAE before lowering the lr
+    plateau_factor: float = 0.5  # plateau: multiply the lr by this
     seed: int = 0  # fixes the split, the initial weights and the batch order
     device: str = "cpu"  # cpu, cuda, cuda:1, ... or auto
     dtype: str = "float32"  # float32 | float64
@@ -93,8 +120,21 @@ class TrainConfig:
         _positive_float(self, "lr")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise IrrepscopeError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.schedule not in ("none", "cosine"):
-            raise IrrepscopeError(f"train.schedule must be 'none' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise IrrepscopeError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, (int, float)) or not (
+            0 <= self.warmup_epochs < math.inf
+        ):
+            raise IrrepscopeError(f"train.warmup_epochs must be a number >= 0, got {self.warmup_epochs!r}")
+        if self.ema_decay is not None and (
+            isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1
+        ):
+            raise IrrepscopeError(f"train.ema_decay must be null or a number in (0, 1), got {self.ema_decay!r}")
+        _positive_int(self, "plateau_patience")
+        if isinstance(self.plateau_factor, bool) or not isinstance(self.plateau_factor, (int, float)) or not (
+            0 < self.plateau_factor < 1
+        ):
+            raise IrrepscopeError(f"train.plateau_factor must be a number in (0, 1), got {self.plateau_factor!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise IrrepscopeError(f"train.seed must be an integer, got {self.seed!r}")
         if self.dtype not in ("float32", "float64"):
@@ -150,11 +190,31 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
     return Config(**sections).validate()
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config file, apply ``section.key=value`` overrides, validate."""
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), run_record: bool = False
+) -> Config:
+    """Read a YAML config file, apply ``section.key=value`` overrides, validate.
+
+    ``run_record``: the file is a run's own resolved config.yaml, so keys it lacks take
+    their :data:`LEGACY_VALUES` (the run predates them) rather than today's defaults.
+    """
     path = Path(path)
     raw = read_yaml(path, "config file")
+    if run_record:
+        raw = with_legacy_values(raw)
     return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def with_legacy_values(raw: Any) -> Any:
+    """A copy of a run's recorded config with every key added since it was written set to its legacy value."""
+    if not isinstance(raw, dict):
+        return raw
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for section, values in LEGACY_VALUES.items():
+        if isinstance(out.get(section), dict):
+            for key, value in values.items():
+                out[section].setdefault(key, value)
+    return out
 
 
 def read_yaml(path: Path, what: str) -> Any:

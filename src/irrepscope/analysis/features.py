@@ -62,12 +62,6 @@ def zero_order(x: torch.Tensor, model: EquivariantGraphConv, l: int) -> torch.Te
     return out
 
 
-def _readout(model: EquivariantGraphConv, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-    per_atom = model.readout(x).squeeze(-1)
-    std = torch.zeros(batch.num_graphs, dtype=x.dtype, device=x.device).index_add(0, batch.batch, per_atom)
-    return std * model.target_std + model.target_mean
-
-
 def rerun_ablation(model: EquivariantGraphConv, batch: Batch, block: int | None, l: int) -> torch.Tensor:
     """Predictions with order ``l`` zeroed after block ``block`` (``None``: after every block), by re-running.
 
@@ -155,7 +149,7 @@ def collect(
                 for block in model.blocks:
                     x = block(x, edges)
                     xs.append(x)
-                pred = _readout(model, x, batch)
+                pred = model.head(x, batch)[0]
                 grads = torch.autograd.grad(pred.sum(), xs) if gradients else [None] * nb
             g_count = batch.num_graphs
             abl_batch = np.zeros((nb, no, g_count))

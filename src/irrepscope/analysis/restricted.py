@@ -135,15 +135,12 @@ class OrderRemovedModel(torch.nn.Module):
     def forward(self, batch: Batch, edges: EdgeGeometry | None = None) -> torch.Tensor:
         model = self.model
         dtype = batch.pos.dtype
-        offset = model.target_mean.to(dtype).expand(batch.num_graphs).clone()
-        if not self.blocks:
-            return offset
-        edges = edges if edges is not None else model.edge_geometry(batch)
-        x = model.embedding(batch.z).to(dtype)
-        for block in self.blocks:
-            x = block(x, edges)
-        full = x.new_zeros(x.shape[0], model.irreps_hidden.dim)
-        full[:, self.head_columns] = x
-        per_atom = model.readout(full).squeeze(-1)
-        standardized = torch.zeros(batch.num_graphs, dtype=dtype, device=x.device).index_add(0, batch.batch, per_atom)
-        return standardized * model.target_std + model.target_mean
+        full = torch.zeros(batch.z.shape[0], model.irreps_hidden.dim, dtype=dtype, device=batch.pos.device)
+        if self.blocks:
+            edges = edges if edges is not None else model.edge_geometry(batch)
+            x = model.embedding(batch.z).to(dtype)
+            for block in self.blocks:
+                x = block(x, edges)
+            full[:, self.head_columns] = x
+        # Without blocks (l was the only order read out) the prediction is the head's offset alone.
+        return model.head(full, batch)[0]

@@ -36,6 +36,11 @@ from irrepscope.model.network import EquivariantGraphConv
 # model gets better without it, is also "unused").
 THRESHOLD = 0.01
 
+# A model "has learned beyond composition" when its MAE is at most this fraction of the
+# composition baseline's on the same molecules; otherwise the report's first sentence says
+# that its usage verdicts describe a model that only counts atoms.
+LEARNED_RATIO = 0.5
+
 FIELDS = [
     "block",
     "order",

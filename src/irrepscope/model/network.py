@@ -2,7 +2,10 @@
 
 embedding (64x0e) -> block 1 (64x0e -> H x every order) -> blocks 2..n (residual)
 -> equivariant linear readout to one scalar per atom -> sum over the molecule -> affine
-rescale from the standardised target to its unit.
+rescale from the standardised target to its unit -> plus the molecule's per-element
+reference (the sum over its atoms of a value per element, fitted on the training split;
+zeros in the published recipe). Everything after the last block is :meth:`head`, the
+one place the analysis also goes through.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class EquivariantGraphConv(torch.nn.Module):
         # Affine rescale of the standardised output; set from the training split's statistics.
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
+        # Per-element reference (target unit), indexed by atomic number; zeros = none.
+        self.register_buffer("element_reference", torch.zeros(config.num_elements))
+        self._register_load_state_dict_pre_hook(_zero_reference_if_missing, with_module=True)
 
     @property
     def backend(self) -> str:
@@ -78,6 +84,13 @@ class EquivariantGraphConv(torch.nn.Module):
     def set_target_stats(self, mean: float, std: float) -> None:
         self.target_mean.fill_(float(mean))
         self.target_std.fill_(float(std))
+
+    def set_element_reference(self, values: "torch.Tensor | list[float]") -> None:
+        """Per-element reference values indexed by atomic number (length ``num_elements``)."""
+        values = torch.as_tensor(values, dtype=self.element_reference.dtype)
+        if values.shape != self.element_reference.shape:
+            raise ValueError(f"element reference needs {self.element_reference.numel()} values, got {tuple(values.shape)}")
+        self.element_reference.copy_(values)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -108,13 +121,34 @@ class EquivariantGraphConv(torch.nn.Module):
                 x = node_hook(i, x)
             if return_features:
                 kept.append(x)
-        per_atom = self.readout(x).squeeze(-1)
-        standardized = torch.zeros(batch.num_graphs, dtype=x.dtype, device=x.device).index_add(0, batch.batch, per_atom)
-        prediction = standardized * self.target_std + self.target_mean
+        prediction, standardized = self.head(x, batch)
         graph = None
         if return_features:
             graph = torch.zeros(batch.num_graphs, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, batch.batch, x)
         return ModelOutput(prediction, standardized, kept if return_features else None, graph)
+
+
+    def head(self, x: torch.Tensor, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
+        """Last block's node features -> (prediction in the target unit, standardised sum).
+
+        Readout to one scalar per atom, sum per molecule, affine rescale, plus the
+        per-element reference. Affine in ``x``: the analysis's exact shortcuts rely on it.
+        """
+        per_atom = self.readout(x).squeeze(-1)
+        standardized = x.new_zeros(batch.num_graphs).index_add(0, batch.batch, per_atom)
+        return standardized * self.target_std + self.target_mean + self.reference_sum(batch), standardized
+
+    def reference_sum(self, batch: "Batch") -> torch.Tensor:
+        """Per molecule, the sum of its atoms' per-element reference values [G] (zeros without a reference)."""
+        ref = self.element_reference.to(batch.pos.dtype)[batch.z]
+        return ref.new_zeros(batch.num_graphs).index_add(0, batch.batch, ref)
+
+
+def _zero_reference_if_missing(module, state_dict, prefix, *args) -> None:
+    # Checkpoints written before the per-element reference existed had none: zeros.
+    key = prefix + "element_reference"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.element_reference)
 
 
 def build_model(config: ModelConfig) -> EquivariantGraphConv:

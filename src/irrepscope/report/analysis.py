@@ -112,7 +112,21 @@ def summary_text(result: dict[str, Any]) -> str:
     alls = {r["order"]: r["ablation_delta_mae_ev"] for r in result["rows"] if r["block"] == "all"}
     effects = ", ".join(f"l={l}: {_fmt(v)} {unit}" for l, v in alls.items())
     unused = result["unused_orders"]
-    parts = [
+    base, ratio = result.get("baseline_mae"), result.get("mae_ratio_to_baseline")
+    if base is None:  # usage.json of an analysis that predates the baseline
+        first = []
+    elif result.get("beats_baseline"):
+        first = [
+            f"The model's MAE is {1 / ratio:.1f}x lower than the composition baseline's "
+            f"({result['model_mae']:.4g} vs {base:.4g} {unit} on the same molecules)."
+        ]
+    else:
+        first = [
+            f"This model is not clearly better than the composition baseline (MAE {result['model_mae']:.4g} vs "
+            f"{base:.4g} {unit} on the same molecules, a least-squares fit on element counts): its usage verdicts "
+            "describe a model that has not learned beyond composition."
+        ]
+    parts = first + [
         f"On {result['n_molecules']} molecules of the {result.get('split', 'evaluated')} split the model's MAE is "
         f"{result['model_mae']:.4g} {unit}.",
         f"Zeroing one order after every block changes the MAE by: {effects}.",
@@ -151,7 +165,15 @@ def write_analysis_report(
     written = []
     for fname, _, png in images:
         written.append(atomic_write(out / fname, lambda f, png=png: f.write(png)))
-    metrics = {"split": result.get("split"), "molecules": result["n_molecules"], "MAE": result["model_mae"], "RMSE": result["model_rmse"]}
+    metrics = {
+        "split": result.get("split"),
+        "molecules": result["n_molecules"],
+        "MAE": result["model_mae"],
+        "RMSE": result["model_rmse"],
+        "baseline MAE": result.get("baseline_mae"),
+        "baseline RMSE": result.get("baseline_rmse"),
+        "MAE / baseline MAE": result.get("mae_ratio_to_baseline"),
+    }
     test_html = _table([test_metrics], list(test_metrics)) if test_metrics else "<p>No test.json in the run.</p>"
     map_rows = [{"map": k, **v} for k, v in result["maps"].items()]
     paths_rows = result["paths"]
@@ -164,7 +186,8 @@ pre{{background:#f6f6f6;padding:1em}}.summary{{font-size:16px;background:#eef5ff
 <p>Run: <code>{html.escape(str(result.get('run', '')))}</code>, checkpoint {html.escape(str(result.get('checkpoint', '')))},
 target {html.escape(result['target'])} ({html.escape(result.get('unit') or '')}).</p>
 <h2>Summary</h2><p class="summary">{html.escape(summary_text(result))}</p>
-<h2>Metrics</h2><p>On the analysed molecules of the run's own saved split:</p>{_table([metrics], list(metrics))}
+<h2>Metrics</h2><p>On the analysed molecules of the run's own saved split, beside the composition baseline (least squares of the
+target on element counts, fitted on the run's training split) on the same molecules:</p>{_table([metrics], list(metrics))}
 <p>The run's test.json:</p>{test_html}
 <h2>Usage</h2>
 <p><b>ablation_delta_mae_ev</b>: MAE with the order zeroed after that block minus the model's MAE (block "all": after every block,

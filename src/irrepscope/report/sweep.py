@@ -11,11 +11,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 from irrepscope.sweeps.spec import Sweep  # noqa: E402
-from irrepscope.sweeps.summary import collect_results, mean_pm_std, summarize, summary_markdown, write_results_csv  # noqa: E402
+from irrepscope.sweeps.summary import (  # noqa: E402
+    collect_results,
+    collect_usage,
+    comparison_markdown,
+    mean_pm_std,
+    summarize,
+    summary_markdown,
+    write_results_csv,
+)
 
 
 def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
@@ -26,6 +35,8 @@ def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
             std = 0.0 if math.isnan(r["mae_std"]) else r["mae_std"]
             ax.errorbar(r[x_key], r["mae_mean"], yerr=std, fmt="o", capsize=4, label=r["variant"])
             ax.annotate(f"[{r['orders'].replace(' ', ',')}]", (r[x_key], r["mae_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        base = np.mean([r["baseline_mean"] for r in summary])
+        ax.axhline(base, color="grey", ls="--", lw=1, label=f"composition baseline ({base:.3g} eV)")
         ax.set_xlabel(label)
         ax.set_ylabel("test MAE (eV)")
         ax.grid(alpha=0.3)
@@ -39,21 +50,23 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path) -> list[Path]:
     rows = collect_results(sweep, out)
     write_results_csv(rows, out / "results.csv")
     summary = summarize(rows)
-    markdown = summary_markdown(sweep.name, summary)
+    extra = comparison_markdown(rows, collect_usage(sweep, out))
+    markdown = summary_markdown(sweep.name, summary) + extra
     atomic_write_text(out / "summary.md", markdown)
     png = b""
     if summary:
         png = figure_png(error_bar_figure(summary), dpi=120)
         atomic_write(out / "summary.png", lambda f: f.write(png))
-    atomic_write_text(out / "summary.html", _html(sweep.name, summary, png))
+    atomic_write_text(out / "summary.html", _html(sweep.name, summary, png, extra))
     return [out / "results.csv", out / "summary.md", out / "summary.html"]
 
 
-def _html(name: str, summary: list[dict[str, Any]], png: bytes) -> str:
+def _html(name: str, summary: list[dict[str, Any]], png: bytes, extra_markdown: str = "") -> str:
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
             r["variant"], f"[{r['orders'].replace(' ', ',')}]", r["hidden_mul"], f"{r['params']:,}", r["seeds"],
-            mean_pm_std(r["mae_mean"], r["mae_std"]), mean_pm_std(r["rmse_mean"], r["rmse_std"]), f"{r['train_seconds_mean']:.0f}",
+            mean_pm_std(r["mae_mean"], r["mae_std"]), mean_pm_std(r["baseline_mean"], r["baseline_std"]),
+            mean_pm_std(r["rmse_mean"], r["rmse_std"]), f"{r['train_seconds_mean']:.0f}",
         )) + "</tr>"
         for r in summary
     )  # fmt: skip
@@ -63,9 +76,33 @@ def _html(name: str, summary: list[dict[str, Any]], png: bytes) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>Sweep {html.escape(name)}</h1>
-<p>Test error of each run on its own held-out split; mean &plusmn; sample standard deviation over seeds.</p>
+<p>Test error of each run on its own held-out split; mean &plusmn; sample standard deviation over seeds. Composition
+baseline: least squares of the target on element counts, fitted on each run's training split, on the same test molecules.</p>
 <table><tr><th>configuration</th><th>orders</th><th>H</th><th>params</th><th>seeds</th><th>test MAE (eV)</th>
-<th>test RMSE (eV)</th><th>train time (s)</th></tr>{rows}</table>
+<th>composition baseline MAE (eV)</th><th>test RMSE (eV)</th><th>train time (s)</th></tr>{rows}</table>
 {image}
+{_markdown_tables_html(extra_markdown)}
 </body></html>
 """
+
+
+def _markdown_tables_html(markdown: str) -> str:
+    """The few markdown constructs summary.md uses (## headings, paragraphs, pipe tables) as HTML."""
+    out, table = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                table.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *body = table
+            out.append(
+                "<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>"
+            )
+            table = []
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "\n".join(out)

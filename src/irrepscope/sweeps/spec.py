@@ -13,7 +13,8 @@
     grid:                        # optional: cartesian product of further overrides
       train.lr: [1.0e-3, 3.0e-3]
 
-Every run is a plain run directory under ``SWEEP_DIR/runs/<config>[,key=value...]/seed<k>``.
+Every run is a plain run directory under ``SWEEP_DIR/runs/<config>[,key=value...]/seed<k>``;
+runs are trained seed by seed (every configuration of the first seed first).
 """
 
 from __future__ import annotations
@@ -119,4 +120,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 else:
                     config = config_from_dict(apply_overrides({}, overrides), source=where)
                 runs.append(RunSpec(name, seed, config, f"runs/{variant}/seed{seed}"))
+    # Seed-major order: every configuration of seed k before any run of seed k+1, so that a
+    # sweep stopped part-way already holds complete paired comparisons for its first seeds.
+    runs.sort(key=lambda r: seeds.index(r.seed))
     return Sweep(str(raw.get("name") or path.stem), path, runs)

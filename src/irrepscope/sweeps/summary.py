@@ -17,7 +17,7 @@ from irrepscope.training.runs import RunDir
 
 RESULT_FIELDS = [
     "config", "variant", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds",
-    "test_mae_ev", "test_rmse_ev", "n_test", "best_epoch", "run",
+    "reference", "test_mae_ev", "test_rmse_ev", "baseline_mae_ev", "mae_ratio_to_baseline", "n_test", "best_epoch", "run",
 ]  # fmt: skip
 
 
@@ -30,6 +30,8 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
             continue
         test = json.loads(run.test.read_text())
         metrics = run.read_metrics()
+        # Runs written before the baseline existed: compute it from the run's own split.
+        baseline = test if "baseline_mae_ev" in test else _baseline(run, spec.config.data.target)
         rows.append(
             {
                 "config": spec.config_name,
@@ -40,14 +42,26 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                 "seed": spec.seed,
                 "epochs": len(metrics),
                 "train_seconds": round(sum(float(r["epoch_seconds"]) for r in metrics), 1),
+                "reference": test.get("reference", "none"),
                 "test_mae_ev": test["mae_ev"],
                 "test_rmse_ev": test["rmse_ev"],
+                "baseline_mae_ev": baseline["baseline_mae_ev"],
+                "mae_ratio_to_baseline": test["mae_ev"] / baseline["baseline_mae_ev"],
                 "n_test": test["n"],
                 "best_epoch": test["epoch"],
                 "run": spec.relpath,
             }
         )
     return rows
+
+
+def _baseline(run: RunDir, target: str) -> dict[str, float]:
+    from irrepscope.data.qm9 import load_qm9
+    from irrepscope.data.split import load_split
+    from irrepscope.training.evaluate import baseline_metrics
+
+    split = load_split(run.split)
+    return baseline_metrics(load_qm9(progress=False), split["train"], split["test"], target)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,6 +74,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mae = np.array([r["test_mae_ev"] for r in items])
         rmse = np.array([r["test_rmse_ev"] for r in items])
         secs = np.array([r["train_seconds"] for r in items])
+        base = np.array([r["baseline_mae_ev"] for r in items])
         out.append(
             {
                 "variant": variant,
@@ -69,6 +84,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": len(items),
                 "mae_mean": float(mae.mean()),
                 "mae_std": float(mae.std(ddof=1)) if len(mae) > 1 else math.nan,
+                "baseline_mean": float(base.mean()),
+                "baseline_std": float(base.std(ddof=1)) if len(base) > 1 else math.nan,
                 "rmse_mean": float(rmse.mean()),
                 "rmse_std": float(rmse.std(ddof=1)) if len(rmse) > 1 else math.nan,
                 "train_seconds_mean": float(secs.mean()),
@@ -89,15 +106,18 @@ def summary_markdown(name: str, summary: list[dict[str, Any]]) -> str:
     lines = [
         f"# Sweep {name}",
         "",
-        "Test error on each run's own held-out split; mean ± sample standard deviation over seeds.",
+        "Test error on each run's own held-out split; mean ± sample standard deviation over seeds. "
+        "Composition baseline: least squares of the target on element counts, fitted on each run's "
+        "training split, on the same test molecules.",
         "",
-        "| configuration | orders | H | params | seeds | test MAE (eV) | test RMSE (eV) | train time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | orders | H | params | seeds | test MAE (eV) | composition baseline MAE (eV) | test RMSE (eV) | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         lines.append(
             f"| {r['variant']} | [{r['orders'].replace(' ', ',')}] | {r['hidden_mul']} | {r['params']:,} | {r['seeds']} "
-            f"| {mean_pm_std(r['mae_mean'], r['mae_std'])} | {mean_pm_std(r['rmse_mean'], r['rmse_std'])} | {r['train_seconds_mean']:.0f} |"
+            f"| {mean_pm_std(r['mae_mean'], r['mae_std'])} | {mean_pm_std(r['baseline_mean'], r['baseline_std'])} "
+            f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])} | {r['train_seconds_mean']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -105,3 +125,114 @@ def summary_markdown(name: str, summary: list[dict[str, Any]]) -> str:
 def mean_pm_std(mean: float, std: float) -> str:
     """``mean ± std`` with four decimals, or the mean alone for a single seed."""
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def collect_usage(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Per analysed run and order: the all-blocks ablation ΔMAE, from the run's own analysis/usage.json."""
+    rows = []
+    for spec in sweep.runs:
+        path = Path(out_dir) / spec.relpath / "analysis" / "usage.json"
+        if not path.is_file():
+            continue
+        usage = json.loads(path.read_text())
+        for r in usage["rows"]:
+            if r["block"] == "all":
+                rows.append(
+                    {
+                        "variant": spec.variant,
+                        "seed": spec.seed,
+                        "order": int(r["order"]),
+                        "delta_mae_ev": r["ablation_delta_mae_ev"],
+                        "model_mae_ev": usage["model_mae"],
+                        "verdict": r["verdict"],
+                    }
+                )
+    return rows
+
+
+def usage_table(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration variant and order: mean and sample standard deviation over seeds of the all-blocks ΔMAE."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in usage_rows:
+        groups.setdefault((r["variant"], r["order"]), []).append(r)
+    out = []
+    for (variant, order), items in groups.items():
+        d = np.array([r["delta_mae_ev"] for r in items], dtype=float)
+        out.append(
+            {
+                "variant": variant,
+                "order": order,
+                "seeds": len(items),
+                "delta_mean": float(d.mean()),
+                "delta_std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+                "unused_in": sum(r["verdict"] == "unused" for r in items),
+            }
+        )
+    return out
+
+
+def paired_comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair of configuration variants, paired by seed (same split): test-MAE difference and a paired t-test."""
+    from scipy import stats
+
+    by_variant: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = r["test_mae_ev"]
+    names = list(by_variant)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            seeds = sorted(set(by_variant[a]) & set(by_variant[b]))
+            if len(seeds) < 2:
+                continue
+            diff = np.array([by_variant[a][s] - by_variant[b][s] for s in seeds])
+            t, p = stats.ttest_rel([by_variant[a][s] for s in seeds], [by_variant[b][s] for s in seeds])
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "seeds": len(seeds),
+                    "diff_mean": float(diff.mean()),
+                    "diff_std": float(diff.std(ddof=1)),
+                    "a_better": int(np.sum(diff < 0)),
+                    "t": float(t),
+                    "p": float(p),
+                }
+            )
+    return out
+
+
+def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, Any]]) -> str:
+    """Paired comparisons and, when runs were analysed, the all-blocks ablation per order."""
+    lines = []
+    pairs = paired_comparisons(rows)
+    if pairs:
+        lines += [
+            "",
+            "## Paired comparisons (same seed = same subset and split)",
+            "",
+            "| a | b | seeds | MAE(a) - MAE(b) (eV) | a better in | paired t | p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in pairs:
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c['seeds']} | {mean_pm_std(c['diff_mean'], c['diff_std'])} "
+                f"| {c['a_better']}/{c['seeds']} | {c['t']:.2f} | {c['p']:.3f} |"
+            )
+    table = usage_table(usage_rows)
+    if table:
+        lines += [
+            "",
+            "## Order usage: MAE increase when the order is zeroed after every block",
+            "",
+            "From each run's `analysis/usage.json` (its own test split); mean ± sample standard deviation over seeds.",
+            "",
+            "| configuration | order | seeds | ΔMAE (eV) | unused in |",
+            "|---|---|---|---|---|",
+        ]
+        for u in table:
+            lines.append(
+                f"| {u['variant']} | {u['order']} | {u['seeds']} | {mean_pm_std(u['delta_mean'], u['delta_std'])} "
+                f"| {u['unused_in']}/{u['seeds']} |"
+            )
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -11,6 +11,7 @@ import torch
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
+from irrepscope.data.composition import fit_composition
 from irrepscope.data.qm9 import PROPERTIES, Molecules, load_qm9
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
@@ -92,15 +93,31 @@ def evaluate_run(
     model, config, state = model_from_checkpoint(run.checkpoint(which), resolve_device(device))
     if mols is None:
         mols = load_qm9(config.data.cache_dir, progress=False)
-    indices = load_split(run.split)[split]
+    splits = load_split(run.split)
+    indices = splits[split]
     pred = predict(model, mols, indices, config)
-    metrics = regression_metrics(pred, mols.properties[config.data.target][indices])
+    target = mols.properties[config.data.target][indices]
+    metrics = {**regression_metrics(pred, target), **baseline_metrics(mols, splits["train"], indices, config.data.target)}
     return {
         **metrics,
+        "mae_ratio_to_baseline": baseline_ratio(metrics),
         "split": split,
         "target": config.data.target,
         "unit": PROPERTIES[config.data.target][0],  # mae_ev/rmse_ev are in this unit
+        "reference": config.data.reference,
         "checkpoint": which,
         "epoch": int(state.get("epoch", 0)),
         "params": model.num_parameters(),
     }
+
+
+def baseline_metrics(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
+    """The composition baseline (least squares on element counts, training split only) on ``mols[indices]``."""
+    fit = fit_composition(mols, train_indices, target)
+    base = regression_metrics(fit.predict(mols, indices), mols.properties[target][indices])
+    return {"baseline_mae_ev": base["mae_ev"], "baseline_rmse_ev": base["rmse_ev"]}
+
+
+def baseline_ratio(metrics: dict[str, Any]) -> float | None:
+    """Model MAE / baseline MAE (below 1: better than counting atoms); None for a perfect baseline."""
+    return metrics["mae_ev"] / metrics["baseline_mae_ev"] if metrics["baseline_mae_ev"] > 0 else None

@@ -2,6 +2,7 @@
 
     RUN_DIR/config.yaml          resolved config (every key, defaults filled in)
     RUN_DIR/split.json           the split's indices into QM9 (+ seed, fractions, limit)
+    RUN_DIR/composition.json     the composition fit (training split): baseline and per-element reference
     RUN_DIR/metrics.csv          one row per finished epoch
     RUN_DIR/checkpoints/last.pt  after every epoch: weights, optimiser, epoch, config
     RUN_DIR/checkpoints/best.pt  the epoch with the lowest validation MAE
@@ -23,11 +24,13 @@ from typing import Any
 import torch
 
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text
-from irrepscope.config import Config, config_from_dict, load_config
+from irrepscope.config import Config, config_from_dict, load_config, with_legacy_values
 from irrepscope.errors import IrrepscopeError
 
 CHECKPOINT_FORMAT = "irrepscope-checkpoint-v1"
-METRIC_FIELDS = ["epoch", "train_loss", "val_mae_mev", "val_rmse_mev", "lr", "epoch_seconds", "molecules_per_s"]
+METRIC_FIELDS = [
+    "epoch", "train_loss", "val_mae_mev", "val_rmse_mev", "val_baseline_mae_mev", "lr", "epoch_seconds", "molecules_per_s",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class RunDir:
         return self.root / "metrics.csv"
 
     @property
+    def composition(self) -> Path:
+        return self.root / "composition.json"
+
+    @property
     def test(self) -> Path:
         return self.root / "test.json"
 
@@ -68,7 +75,7 @@ class RunDir:
         return self
 
     def load_config(self) -> Config:
-        return load_config(self.require().config)
+        return load_config(self.require().config, run_record=True)
 
     def write_config(self, config: Config) -> None:
         atomic_write_text(self.config, config.to_yaml())
@@ -116,4 +123,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> Config:
     """The config a checkpoint carries."""
-    return config_from_dict(state["config"], source=f"{path} (embedded config)")
+    return config_from_dict(with_legacy_values(state["config"]), source=f"{path} (embedded config)")

@@ -1,7 +1,14 @@
-"""The training loop: the published recipe (AdamW, MSE on the standardised target), resumable.
+"""The training loop: AdamW on the MSE of the standardised target, resumable.
 
-Batch order is a pure function of (seed, epoch), so a resumed run sees exactly the
-batches an uninterrupted one would have.
+The published recipe standardises the molecule-level target. With ``data.reference:
+per_element`` the per-element reference (a least-squares fit on the training split's
+element counts) is subtracted first and added back in every prediction. Options
+practitioners use for these models: a learning-rate warm-up, a cosine or
+reduce-on-plateau schedule, and an exponential moving average (EMA) of the weights
+that is what gets validated, saved and evaluated (as NequIP and MACE do).
+
+Batch order is a pure function of (seed, epoch), and the schedule's and the EMA's state
+live in the checkpoint, so a resumed run sees exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from tqdm.auto import tqdm
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
+from irrepscope.data.composition import fit_composition
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split, random_split, save_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_model
 from irrepscope.training.evaluate import evaluate_run, predict, regression_metrics, resolve_device, torch_dtype
+from irrepscope.atomic import atomic_write_json
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
 
 
@@ -29,11 +38,44 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
 
 
-def learning_rate(config: Config, epoch: int) -> float:
-    """Learning rate of ``epoch`` (0-based): constant (published) or cosine to zero."""
-    if config.train.schedule == "cosine":
-        return config.train.lr * 0.5 * (1 + math.cos(math.pi * epoch / config.train.epochs))
-    return config.train.lr
+def learning_rate(config: Config, epoch: float, plateau_scale: float = 1.0) -> float:
+    """Learning rate at fractional epoch ``epoch`` (0-based; steps count in fractions of an epoch).
+
+    ``none``: constant (published); ``cosine``: to zero at ``train.epochs``; ``plateau``:
+    ``lr x plateau_scale`` (lowered by the trainer when validation stalls). A warm-up
+    multiplies any of them by ``min(1, epoch / warmup_epochs)``.
+    """
+    t = config.train
+    lr = t.lr
+    if t.schedule == "cosine":
+        lr = t.lr * 0.5 * (1 + math.cos(math.pi * min(epoch, t.epochs) / t.epochs))
+    elif t.schedule == "plateau":
+        lr = t.lr * plateau_scale
+    if t.warmup_epochs > 0:
+        lr *= min(1.0, epoch / t.warmup_epochs)
+    return lr
+
+
+def after_validation(progress: dict[str, Any], val_mae: float, epoch: int, config: Config) -> bool:
+    """Record epoch ``epoch``'s validation MAE in ``progress``; True when it is a new best.
+
+    Reduce-on-plateau: when ``plateau_patience`` epochs have passed since the last new
+    best (or the last reduction), the learning-rate scale is multiplied by ``plateau_factor``.
+    """
+    if val_mae < progress["best_val_mae"]:
+        progress.update(best_val_mae=val_mae, best_epoch=epoch, plateau_since=epoch)
+        return True
+    t = config.train
+    if t.schedule == "plateau" and epoch - progress["plateau_since"] > t.plateau_patience:
+        progress.update(plateau_scale=progress["plateau_scale"] * t.plateau_factor, plateau_since=epoch)
+    return False
+
+
+def make_ema(model: EquivariantGraphConv, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s parameters (``ema.module`` is the averaged model)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 class Trainer:
@@ -59,10 +101,16 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         y = self.mols.properties[cfg.data.target][split["train"]]
+        fit = fit_composition(self.mols, split["train"], cfg.data.target)
+        if cfg.data.reference == "per_element":
+            model.set_element_reference(torch.from_numpy(fit.reference_vector(cfg.model.num_elements)))
+            y = y - fit.predict(self.mols, split["train"])
+        atomic_write_json(self.run.composition, {"reference": cfg.data.reference, **fit.to_json()})
         model.set_target_stats(float(y.mean()), float(y.std()))
         model.to(self.device, self.dtype)
         self.run.write_metrics([])
-        return model, make_optimizer(model, cfg), {"epoch": 0, "best_val_mae": math.inf, "best_epoch": 0}
+        progress = {"epoch": 0, "best_val_mae": math.inf, "best_epoch": 0, "plateau_scale": 1.0, "plateau_since": 0}
+        return model, make_optimizer(model, cfg), progress
 
     def _resumed(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
         state = load_checkpoint(self.run.checkpoint("last"), map_location=self.device)
@@ -73,7 +121,8 @@ class Trainer:
                 raise IrrepscopeError(f"cannot resume {self.run.root}: its {section} config differs from the one given")
         self.config.train.seed = saved.train.seed
         model = build_model(self.config.model)
-        model.load_state_dict(state["model"])
+        # With an EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw ones.
+        model.load_state_dict(state.get("train_model", state["model"]))
         model.to(self.device, self.dtype)
         opt = make_optimizer(model, self.config)
         opt.load_state_dict(state["optimizer"])
@@ -81,35 +130,48 @@ class Trainer:
         rows = [r for r in self.run.read_metrics() if int(r["epoch"]) <= state["epoch"]]
         self.run.write_metrics(rows)
         self.run.write_config(self.config)
-        return model, opt, {k: state[k] for k in ("epoch", "best_val_mae", "best_epoch")}
+        progress = {k: state[k] for k in ("epoch", "best_val_mae", "best_epoch")}
+        progress["plateau_scale"] = float(state.get("plateau_scale", 1.0))
+        progress["plateau_since"] = int(state.get("plateau_since", state["best_epoch"]))
+        self._resume_ema = state["model"] if "train_model" in state else None
+        self._resume_ema_count = int(state.get("ema_updates", 0))
+        return model, opt, progress
 
     # -- loop -------------------------------------------------------------------------------
     def run_training(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``train.epochs`` finished epochs, then evaluate best.pt on the test split."""
         cfg = self.config
+        self._resume_ema = None
         model, opt, progress = self._resumed() if resume else self._fresh()
+        ema = None
+        if cfg.train.ema_decay is not None:
+            ema = make_ema(model, cfg.train.ema_decay)
+            if self._resume_ema is not None:
+                ema.module.load_state_dict(self._resume_ema)
+                ema.n_averaged.fill_(self._resume_ema_count)
         split = load_split(self.run.split)
         rows = self.run.read_metrics()
-        mean, std = float(model.target_mean), float(model.target_std)
+        target = self.mols.properties[cfg.data.target]
+        baseline = fit_composition(self.mols, split["train"], cfg.data.target)
+        baseline_val = regression_metrics(baseline.predict(self.mols, split["val"]), target[split["val"]])
         for epoch in range(progress["epoch"], cfg.train.epochs):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, epoch)
             t0 = time.perf_counter()
-            train_loss, n_mol = self._train_epoch(model, opt, split["train"], epoch, mean, std)
+            train_loss, n_mol = self._train_epoch(model, opt, ema, split["train"], epoch, progress["plateau_scale"])
             seconds = time.perf_counter() - t0
-            model.eval()
-            val = regression_metrics(predict(model, self.mols, split["val"], cfg), self.mols.properties[cfg.data.target][split["val"]])
+            evaluated = ema.module if ema is not None else model
+            evaluated.eval()
+            val = regression_metrics(predict(evaluated, self.mols, split["val"], cfg), target[split["val"]])
             done = epoch + 1
-            if val["mae_ev"] < progress["best_val_mae"]:
-                progress.update(best_val_mae=val["mae_ev"], best_epoch=done)
-                self._save(self.run.checkpoint("best"), model, opt, done, progress)
-            self._save(self.run.checkpoint("last"), model, opt, done, progress)
+            if after_validation(progress, val["mae_ev"], done, cfg):
+                self._save(self.run.checkpoint("best"), model, ema, opt, done, progress)
+            self._save(self.run.checkpoint("last"), model, ema, opt, done, progress)
             rows.append(
                 {
                     "epoch": done,
                     "train_loss": f"{train_loss:.6g}",
                     "val_mae_mev": f"{1000 * val['mae_ev']:.3f}",
                     "val_rmse_mev": f"{1000 * val['rmse_ev']:.3f}",
+                    "val_baseline_mae_mev": f"{1000 * baseline_val['mae_ev']:.3f}",
                     "lr": f"{opt.param_groups[0]['lr']:.3g}",
                     "epoch_seconds": f"{seconds:.2f}",
                     "molecules_per_s": f"{n_mol / seconds:.1f}",
@@ -118,14 +180,16 @@ class Trainer:
             self.run.write_metrics(rows)
             tqdm.write(
                 f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  "
-                f"val MAE {1000 * val['mae_ev']:.1f} meV  ({n_mol / seconds:.0f} mol/s)"
+                f"val MAE {1000 * val['mae_ev']:.1f} meV (composition baseline {1000 * baseline_val['mae_ev']:.1f})  "
+                f"({n_mol / seconds:.0f} mol/s)"
             )
         test = evaluate_run(self.run.root, "test", device=str(self.device), mols=self.mols)
         self.run.write_test(test)
         return test
 
-    def _train_epoch(self, model, opt, indices: np.ndarray, epoch: int, mean: float, std: float) -> tuple[float, int]:
+    def _train_epoch(self, model, opt, ema, indices: np.ndarray, epoch: int, plateau_scale: float) -> tuple[float, int]:
         cfg = self.config
+        mean, std = float(model.target_mean), float(model.target_std)
         model.train()
         batches = iterate_batches(
             self.mols,
@@ -146,9 +210,11 @@ class Trainer:
         for step, batch in enumerate(batches):
             if step >= n_batches:
                 break
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, epoch + (step + 1) / n_batches, plateau_scale)
             batch = batch.to(self.device)
             out = model(batch)
-            loss = torch.mean((out.standardized - (batch.y - mean) / std) ** 2)
+            loss = torch.mean((out.standardized - (batch.y - model.reference_sum(batch) - mean) / std) ** 2)
             if not torch.isfinite(loss):
                 raise IrrepscopeError(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -157,6 +223,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += loss.item() * batch.num_graphs
             n_mol += batch.num_graphs
             bar.update(1)
@@ -164,19 +232,21 @@ class Trainer:
         bar.close()
         return total / max(n_mol, 1), n_mol
 
-    def _save(self, path: Path, model, opt, epoch: int, progress: dict[str, Any]) -> None:
-        save_checkpoint(
-            path,
-            {
-                "config": self.config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch,
-                "best_val_mae": progress["best_val_mae"],
-                "best_epoch": progress["best_epoch"],
-                "num_parameters": model.num_parameters(),
-            },
-        )
+    def _save(self, path: Path, model, ema, opt, epoch: int, progress: dict[str, Any]) -> None:
+        # "model" holds the weights that are evaluated (the EMA when there is one): what
+        # evaluate, predict and analyze load. The raw weights are kept for resuming.
+        state = {
+            "config": self.config.to_dict(),
+            "model": (ema.module if ema is not None else model).state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            **{k: progress[k] for k in ("best_val_mae", "best_epoch", "plateau_scale", "plateau_since")},
+            "num_parameters": model.num_parameters(),
+        }
+        if ema is not None:
+            state["train_model"] = model.state_dict()
+            state["ema_updates"] = int(ema.n_averaged)
+        save_checkpoint(path, state)
 
 
 def train(config: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -194,5 +264,5 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), progress: bool 
     run = RunDir.at(run_dir).require()
     if not run.checkpoint("last").exists():
         raise IrrepscopeError(f"cannot resume {run_dir}: no checkpoints/last.pt")
-    config = load_config(run.config, overrides)
+    config = load_config(run.config, overrides, run_record=True)
     return Trainer(config, run_dir, progress=progress).run_training(resume=True)

@@ -1,0 +1,110 @@
+"""Composition: element counts per molecule and the least-squares fit of a target on them.
+
+One fit serves twice. It is the **composition baseline** that every reported error stands
+beside (what a model learns beyond counting atoms), and, for extensive targets, the
+**per-element reference energies** that are subtracted before standardising (what
+NequIP's per-species shift, MACE's E0s and SchNetPack's atomrefs do). It is always fitted
+on the training split only.
+
+Extensive targets (energies, ZPVE, heat capacity, polarizability: sums of roughly
+per-atom contributions) are fitted on the counts alone, with no intercept, so that the
+fit is itself extensive. Intensive targets (orbital energies, dipole magnitude,
+rotational constants, spatial extent) get an intercept: a per-element reference makes no
+sense for them, but a linear fit on the composition is still the fair baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ase.data import chemical_symbols
+
+from irrepscope.data.qm9 import PROPERTIES, Molecules
+from irrepscope.errors import IrrepscopeError
+
+# QM9's elements: H, C, N, O, F.
+ELEMENTS: tuple[int, ...] = (1, 6, 7, 8, 9)
+
+# Targets that are (approximately) sums of per-atom contributions.
+EXTENSIVE_TARGETS = frozenset(
+    {"U0_atomization", "U_atomization", "H_atomization", "G_atomization", "U0", "zpve", "cv", "polarizability"}
+)
+
+
+def is_extensive(target: str) -> bool:
+    """Whether ``target`` grows with the number of atoms (a per-element reference applies)."""
+    return target in EXTENSIVE_TARGETS
+
+
+def element_counts(mols: Molecules, indices: np.ndarray) -> np.ndarray:
+    """Counts of H, C, N, O, F in each of ``mols[indices]``: float64 [M, 5]."""
+    indices = np.asarray(indices, dtype=np.int64)
+    column = np.full(int(mols.atomic_numbers.max()) + 1, -1)
+    column[list(ELEMENTS)] = np.arange(len(ELEMENTS))
+    cols = column[mols.atomic_numbers]
+    if np.any(cols < 0):
+        raise IrrepscopeError(f"molecules hold elements outside {[chemical_symbols[z] for z in ELEMENTS]}")
+    # Counts of every molecule at once (a few tens of ms for all of QM9), then the selection.
+    owner = np.repeat(np.arange(len(mols)), np.diff(mols.atom_ptr))
+    flat = np.bincount(owner * len(ELEMENTS) + cols, minlength=len(mols) * len(ELEMENTS))
+    return flat.reshape(len(mols), len(ELEMENTS))[indices].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class CompositionFit:
+    """``target ≈ counts @ per_element + intercept``, fitted by least squares on the training split."""
+
+    target: str
+    per_element: dict[int, float]  # atomic number -> value in the target's unit
+    intercept: float  # 0 for extensive targets
+    n_fit: int  # training molecules the fit saw
+
+    @property
+    def unit(self) -> str:
+        return PROPERTIES[self.target][0]
+
+    def predict_counts(self, counts: np.ndarray) -> np.ndarray:
+        coef = np.array([self.per_element.get(z, 0.0) for z in ELEMENTS])
+        return counts @ coef + self.intercept
+
+    def predict(self, mols: Molecules, indices: np.ndarray) -> np.ndarray:
+        """The baseline prediction for ``mols[indices]`` (target unit)."""
+        return self.predict_counts(element_counts(mols, indices))
+
+    def reference_vector(self, num_elements: int) -> np.ndarray:
+        """Per-element values indexed by atomic number (zeros elsewhere): the model's reference buffer."""
+        out = np.zeros(num_elements)
+        for z, v in self.per_element.items():
+            if z >= num_elements:
+                raise IrrepscopeError(f"model.num_elements = {num_elements} cannot hold element Z = {z}")
+            out[z] = v
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "unit": self.unit,
+            "fit": "least squares of the target on element counts, training split only",
+            "n_fit": self.n_fit,
+            "intercept": self.intercept,
+            "per_element": {chemical_symbols[z]: {"z": z, "value": v} for z, v in self.per_element.items()},
+        }
+
+
+def fit_composition(mols: Molecules, train_indices: np.ndarray, target: str) -> CompositionFit:
+    """Least-squares fit of ``target`` on element counts over ``mols[train_indices]`` (never other molecules)."""
+    if target not in PROPERTIES:
+        raise IrrepscopeError(f"unknown target {target!r}")
+    train_indices = np.asarray(train_indices, dtype=np.int64)
+    if len(train_indices) == 0:
+        raise IrrepscopeError("cannot fit the composition baseline on an empty training split")
+    counts = element_counts(mols, train_indices)
+    y = mols.properties[target][train_indices]
+    intercept = not is_extensive(target)
+    design = np.hstack([counts, np.ones((len(counts), 1))]) if intercept else counts
+    # An element absent from the training split has an all-zero column: lstsq gives it 0.
+    coef = np.linalg.lstsq(design, y, rcond=None)[0]
+    per_element = {z: float(coef[k]) for k, z in enumerate(ELEMENTS)}
+    return CompositionFit(target, per_element, float(coef[-1]) if intercept else 0.0, int(len(train_indices)))
