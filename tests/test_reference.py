@@ -239,3 +239,12 @@ def test_ema_weights_are_what_gets_saved_and_resumed(qm9, tmp_path):
     assert [r["val_mae_mev"] for r in RunDir.at(cut).read_metrics()] == [
         r["val_mae_mev"] for r in RunDir.at(tmp_path / "full").read_metrics()
     ]
+
+
+def test_ema_with_higher_orders_saves_a_loadable_model(qm9, tmp_path):
+    # e3nn compiles its products for orders >= 3; the averaged copy must load as a normal model.
+    config = load_config(HERE.parent / "configs" / "quick" / "gapped.yaml", ["train.ema_decay=0.9", "train.epochs=1",
+                                                                             "train.max_train_batches=2", "train.threads=1"])  # fmt: skip
+    test = Trainer(config, tmp_path / "g", mols=qm9, progress=False).run_training()
+    model, _, _ = model_from_checkpoint(tmp_path / "g" / "checkpoints" / "best.pt")
+    assert math.isfinite(test["mae_ev"]) and model.orders == [0, 3, 4]

@@ -148,3 +148,82 @@ def test_console_script_exit_status(tmp_path):
         [sys.executable, "-m", "irrepscope", "info", str(bad)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+# -- resume keeps the run's record and recipe ---------------------------------------------------
+
+
+def test_a_kill_between_checkpoint_and_metrics_loses_no_row(tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    common = ["--quiet", "--set", "train.max_train_batches=4"]
+    assert cli("train", TINY, "--out", str(full), *common) == 0
+    real = RunDir.write_metrics
+
+    def killed(self, rows):
+        if len(rows) == 2:  # last.pt of epoch 2 is on disk; the process dies before the row is
+            raise KeyboardInterrupt
+        real(self, rows)
+
+    monkeypatch.setattr(RunDir, "write_metrics", killed)
+    assert cli("train", TINY, "--out", str(cut), *common) != 0  # the CLI reports the interrupt
+    assert load_checkpoint(RunDir.at(cut).checkpoint("last"))["epoch"] == 2
+    assert len(RunDir.at(cut).read_metrics()) == 1
+    monkeypatch.setattr(RunDir, "write_metrics", real)
+    assert cli("train", "--resume", str(cut), "--quiet") == 0
+    rows_full, rows_cut = RunDir.at(full).read_metrics(), RunDir.at(cut).read_metrics()
+    assert [r["epoch"] for r in rows_cut] == ["1", "2"]
+    assert [r["val_mae_mev"] for r in rows_cut] == [r["val_mae_mev"] for r in rows_full]
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.5", "train.batch_size=8", "train.seed=7", "train.ema_decay=0.9", "train.epochs=1"])
+def test_resume_refuses_a_changed_recipe(trained, capsys, override):
+    before = (trained / "config.yaml").read_text()
+    one_line_error(capsys, cli("train", "--resume", str(trained), "--set", override), "cannot resume")
+    assert (trained / "config.yaml").read_text() == before
+
+
+def test_extending_a_cosine_schedule_says_what_it_does(tmp_path, capsys):
+    run = tmp_path / "cos"
+    assert cli("train", TINY, "--out", str(run), "--quiet", "--set", "train.schedule=cosine", "--set", "train.max_train_batches=2") == 0
+    capsys.readouterr()
+    assert cli("train", "--resume", str(run), "--quiet", "--set", "train.epochs=4") == 0
+    err = capsys.readouterr().err
+    assert "cosine schedule" in err and "stretched from 2 to 4 epochs" in err
+
+
+def test_written_files_follow_the_umask_and_stale_temporaries_go(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "modes"
+        assert cli("train", TINY, "--out", str(run), "--quiet", "--set", "train.max_train_batches=2") == 0
+        for path in (run / "config.yaml", run / "metrics.csv", run / "test.json", run / "checkpoints" / "last.pt"):
+            assert path.stat().st_mode & 0o777 == 0o644, path
+    finally:
+        os.umask(old)
+    stale = [run / "checkpoints" / ".last.pt.abc123.tmp", run / ".metrics.csv.xyz.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    assert cli("train", "--resume", str(run), "--quiet", "--set", "train.epochs=3") == 0
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe garbage", b"not,a,metrics\nfile,at,all\n"])
+def test_resume_with_an_unreadable_metrics_file(tmp_path, capsys, content):
+    run = tmp_path / "m"
+    assert cli("train", TINY, "--out", str(run), "--quiet", "--set", "train.max_train_batches=2", "--set", "train.epochs=1") == 0
+    (run / "metrics.csv").write_bytes(content)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    del state["metrics"]  # a checkpoint written before rows were kept in it
+    torch.save(state, run / "checkpoints" / "last.pt")
+    one_line_error(capsys, cli("train", "--resume", str(run), "--set", "train.epochs=2"), "metrics")
+
+
+def test_resume_from_a_checkpoint_without_training_state(tmp_path, capsys):
+    run = tmp_path / "w"
+    assert cli("train", TINY, "--out", str(run), "--quiet", "--set", "train.max_train_batches=2", "--set", "train.epochs=1") == 0
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    del state["optimizer"]
+    torch.save(state, run / "checkpoints" / "last.pt")
+    one_line_error(capsys, cli("train", "--resume", str(run), "--set", "train.epochs=2"), "optimizer")

@@ -84,10 +84,17 @@ class RunDir:
         atomic_write_json(self.test, metrics)
 
     def read_metrics(self) -> list[dict[str, str]]:
+        """The rows of metrics.csv (none when it does not exist); an unreadable file is a clear error."""
         if not self.metrics.is_file():
             return []
-        with self.metrics.open(newline="") as f:
-            return list(csv.DictReader(f))
+        try:
+            with self.metrics.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            for row in rows:
+                int(row["epoch"])
+        except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
+            raise IrrepscopeError(f"{self.metrics} is not a metrics file written by irrepscope") from None
+        return rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         buf = io.StringIO()

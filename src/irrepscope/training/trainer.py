@@ -14,6 +14,7 @@ live in the checkpoint, so a resumed run sees exactly what an uninterrupted one 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from irrepscope.data.split import load_split, random_split, save_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_model
 from irrepscope.training.evaluate import evaluate_run, predict, regression_metrics, resolve_device, torch_dtype
-from irrepscope.atomic import atomic_write_json
+from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
 
 
@@ -71,11 +72,52 @@ def after_validation(progress: dict[str, Any], val_mae: float, epoch: int, confi
     return False
 
 
-def make_ema(model: EquivariantGraphConv, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """An exponential moving average of ``model``'s parameters (``ema.module`` is the averaged model)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+# What a resume may change: the run's length (only longer) and where and how fast it runs.
+RESUMABLE_CHANGES = {"epochs", "device", "threads"}
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+def check_resumable(saved: Config, given: Config, done_epochs: int, where: Path) -> None:
+    """A resume continues the run's own recipe: only a longer ``train.epochs``, the device and threads may differ."""
+    for section in ("model", "data", "train"):
+        a, b = getattr(saved, section).__dict__, getattr(given, section).__dict__
+        changed = [k for k in a if a[k] != b[k] and not (section == "train" and k in RESUMABLE_CHANGES)]
+        if changed:
+            what = ", ".join(f"{section}.{k} {a[k]!r} -> {b[k]!r}" for k in changed)
+            raise IrrepscopeError(f"cannot resume {where} with a changed recipe ({what}); only train.epochs may grow")
+    if given.train.epochs < done_epochs:
+        raise IrrepscopeError(f"cannot resume {where} with train.epochs={given.train.epochs}: it has already trained {done_epochs}")
+    if given.train.schedule == "cosine" and given.train.epochs != saved.train.epochs:
+        print(
+            f"note: the cosine schedule of {where} is stretched from {saved.train.epochs} to {given.train.epochs} epochs: "
+            f"the remaining epochs follow the cosine over {given.train.epochs} epochs, so the learning rate first rises "
+            f"from {learning_rate(saved, done_epochs):.3g} to {learning_rate(given, done_epochs):.3g}",
+            file=sys.stderr,
+        )
+
+
+class WeightEMA:
+    """Exponential moving average of a model's parameters; ``module`` is the averaged copy.
+
+    ``module`` must be a second instance of the model's architecture (built, not deep-copied:
+    a deep copy of e3nn's compiled modules renames their buffers). Parameters only: the
+    buffers are constants (target statistics, reference, 3j symbols).
+    """
+
+    def __init__(self, model: torch.nn.Module, module: torch.nn.Module, decay: float) -> None:
+        module.load_state_dict(model.state_dict())
+        self.module = module.requires_grad_(False)
+        self.decay = decay
+        self.n_averaged = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = list(self.module.parameters())
+        current = [p.detach() for p in model.parameters()]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+        self.n_averaged += 1
 
 
 class Trainer:
@@ -113,21 +155,26 @@ class Trainer:
         return model, make_optimizer(model, cfg), progress
 
     def _resumed(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
+        remove_stale_temporaries(self.run.root)
+        remove_stale_temporaries(self.run.checkpoint("last").parent)
         state = load_checkpoint(self.run.checkpoint("last"), map_location=self.device)
+        for key in ("optimizer", "epoch", "best_val_mae", "best_epoch"):
+            if key not in state:
+                raise IrrepscopeError(f"cannot resume {self.run.root}: its last.pt has no {key!r} (not a training checkpoint)")
         saved = checkpoint_config(state, self.run.checkpoint("last"))
-        # The run's recipe may be extended (more epochs, another device) but not changed.
-        for section in ("model", "data"):
-            if getattr(saved, section) != getattr(self.config, section):
-                raise IrrepscopeError(f"cannot resume {self.run.root}: its {section} config differs from the one given")
-        self.config.train.seed = saved.train.seed
+        check_resumable(saved, self.config, state["epoch"], self.run.root)
         model = build_model(self.config.model)
         # With an EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw ones.
         model.load_state_dict(state.get("train_model", state["model"]))
         model.to(self.device, self.dtype)
         opt = make_optimizer(model, self.config)
         opt.load_state_dict(state["optimizer"])
-        # Drop metric rows of epochs after the checkpoint (an epoch that crashed midway).
-        rows = [r for r in self.run.read_metrics() if int(r["epoch"]) <= state["epoch"]]
+        # The checkpoint carries the metric rows of its epochs: metrics.csv is rewritten from
+        # them, so a kill between saving last.pt and writing metrics.csv loses no row, and rows
+        # of an epoch that crashed midway are dropped. (Checkpoints from before: the file's rows.)
+        rows = state.get("metrics")
+        if rows is None:
+            rows = [r for r in self.run.read_metrics() if int(r["epoch"]) <= state["epoch"]]
         self.run.write_metrics(rows)
         self.run.write_config(self.config)
         progress = {k: state[k] for k in ("epoch", "best_val_mae", "best_epoch")}
@@ -145,12 +192,13 @@ class Trainer:
         model, opt, progress = self._resumed() if resume else self._fresh()
         ema = None
         if cfg.train.ema_decay is not None:
-            ema = make_ema(model, cfg.train.ema_decay)
+            twin = build_model(cfg.model).to(self.device, self.dtype)
+            ema = WeightEMA(model, twin, cfg.train.ema_decay)
             if self._resume_ema is not None:
                 ema.module.load_state_dict(self._resume_ema)
-                ema.n_averaged.fill_(self._resume_ema_count)
+                ema.n_averaged = self._resume_ema_count
         split = load_split(self.run.split)
-        rows = self.run.read_metrics()
+        self._rows = rows = self.run.read_metrics()
         target = self.mols.properties[cfg.data.target]
         baseline = fit_composition(self.mols, split["train"], cfg.data.target)
         baseline_val = regression_metrics(baseline.predict(self.mols, split["val"]), target[split["val"]])
@@ -162,9 +210,6 @@ class Trainer:
             evaluated.eval()
             val = regression_metrics(predict(evaluated, self.mols, split["val"], cfg), target[split["val"]])
             done = epoch + 1
-            if after_validation(progress, val["mae_ev"], done, cfg):
-                self._save(self.run.checkpoint("best"), model, ema, opt, done, progress)
-            self._save(self.run.checkpoint("last"), model, ema, opt, done, progress)
             rows.append(
                 {
                     "epoch": done,
@@ -177,6 +222,9 @@ class Trainer:
                     "molecules_per_s": f"{n_mol / seconds:.1f}",
                 }
             )
+            if after_validation(progress, val["mae_ev"], done, cfg):
+                self._save(self.run.checkpoint("best"), model, ema, opt, done, progress)
+            self._save(self.run.checkpoint("last"), model, ema, opt, done, progress)
             self.run.write_metrics(rows)
             tqdm.write(
                 f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  "
@@ -242,6 +290,7 @@ class Trainer:
             "epoch": epoch,
             **{k: progress[k] for k in ("best_val_mae", "best_epoch", "plateau_scale", "plateau_since")},
             "num_parameters": model.num_parameters(),
+            "metrics": [{k: str(v) for k, v in row.items()} for row in self._rows],
         }
         if ema is not None:
             state["train_model"] = model.state_dict()
