@@ -21,15 +21,16 @@ from irrepscope.training.runs import RunDir
 from irrepscope.training.trainer import Trainer
 
 # The published recipe (molecule-level standardisation, constant lr), then one change at a time.
+_OFF = ["train.schedule=none", "train.warmup_epochs=0", "train.ema_decay=null"]
 RECIPES: dict[str, list[str]] = {
-    "published": ["data.reference=none", "train.schedule=none", "train.warmup_epochs=0", "train.ema_decay=null"],
-    "per_element": ["data.reference=per_element", "train.schedule=none", "train.warmup_epochs=0", "train.ema_decay=null"],
-    "per_element+cosine": ["data.reference=per_element", "train.schedule=cosine", "train.warmup_epochs=0", "train.ema_decay=null"],
-    "per_element+plateau": ["data.reference=per_element", "train.schedule=plateau", "train.warmup_epochs=0", "train.ema_decay=null"],
-    "per_element+warmup+cosine": ["data.reference=per_element", "train.schedule=cosine", "train.warmup_epochs=1", "train.ema_decay=null"],
-    "per_element+cosine+ema0.99": ["data.reference=per_element", "train.schedule=cosine", "train.warmup_epochs=0", "train.ema_decay=0.99"],
-    "per_element+cosine+ema0.999": ["data.reference=per_element", "train.schedule=cosine", "train.warmup_epochs=0", "train.ema_decay=0.999"],
-    "per_element+plateau+ema0.99": ["data.reference=per_element", "train.schedule=plateau", "train.warmup_epochs=0", "train.ema_decay=0.99"],
+    "published": ["data.reference=none", *_OFF],
+    "per_element": ["data.reference=per_element", *_OFF],
+    "per_element+cosine": ["data.reference=per_element", *_OFF, "train.schedule=cosine"],
+    "per_element+plateau": ["data.reference=per_element", *_OFF, "train.schedule=plateau"],
+    "per_element+warmup": ["data.reference=per_element", *_OFF, "train.warmup_epochs=1"],
+    "per_element+ema0.99": ["data.reference=per_element", *_OFF, "train.ema_decay=0.99"],
+    "per_element+ema0.999": ["data.reference=per_element", *_OFF, "train.ema_decay=0.999"],
+    "per_element+lr4e-3": ["data.reference=per_element", *_OFF, "train.lr=4.0e-3"],
 }
 
 

@@ -240,7 +240,7 @@ def test_analyze_cli_end_to_end(tiny_run):
     "args, message",
     [
         (["--orders", "0,5"], "no order"),
-        (["--max-molecules", "0"], "empty"),
+        (["--max-molecules", "0"], "positive integer"),
         (["--orders", "a"], "comma-separated"),
     ],
 )

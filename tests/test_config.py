@@ -1,11 +1,14 @@
 """Config loading, validation and overrides."""
 
 import glob
+from pathlib import Path
 
 import pytest
 
 from irrepscope.config import Config, load_config
 from irrepscope.errors import IrrepscopeError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -21,7 +24,7 @@ def test_defaults_and_roundtrip(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/**/*.yaml", recursive=True)))
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"), recursive=True)))
 def test_shipped_configs_are_valid(path):
     assert isinstance(load_config(path), Config)
 

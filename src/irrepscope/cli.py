@@ -7,6 +7,7 @@ and exits with status 2.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,20 @@ from irrepscope.errors import IrrepscopeError
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable)."
 )
+
+
+def _finite_fraction(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Click callback: a threshold must be a finite number >= 0 (NaN would silently declare every order unused)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise IrrepscopeError(f"--{param.name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _count(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """Click callback: molecule counts and batch sizes are positive."""
+    if value is not None and value <= 0:
+        raise IrrepscopeError(f"--{param.name.replace('_', '-')} must be a positive integer, got {value}")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,6 +119,9 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
     from irrepscope.training.predict import predict_file
 
     results = predict_file(run_dir, structures, checkpoint)
+    for r in results:
+        for note in r["warnings"]:
+            click.echo(f"warning: molecule {r['index']}: {note}", err=True)
     if as_json:
         click.echo(json.dumps(results))
     else:
@@ -120,7 +138,11 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
     "--analyze", is_flag=True, help="Also analyse every finished run that has no analysis yet (order usage per seed in the summary)."
 )
 def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: bool) -> None:
-    """Run a grid of configurations x seeds; re-running skips finished runs and resumes interrupted ones."""
+    """Run a grid of configurations x seeds; re-running skips finished runs, resumes interrupted ones and retries failed ones.
+
+    A failing run (diverged, corrupt checkpoint) does not stop the others: it is listed in the
+    report, and the command exits with status 2 after writing it.
+    """
     from irrepscope.report.sweep import write_sweep_report
     from irrepscope.sweeps.runner import analyze_sweep, run_sweep
     from irrepscope.sweeps.spec import load_sweep
@@ -133,13 +155,15 @@ def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: 
     paths = write_sweep_report(spec, out_dir)
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
     click.echo(f"wrote {', '.join(str(p) for p in paths)}")
+    if counts.get("failed"):
+        raise IrrepscopeError(f"{counts['failed']} of {len(spec.runs)} runs failed; their errors are in {paths[0]}")
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--train", "do_train", is_flag=True, help="Train the pruned config with the same budget and seed, then compare.")
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Pruned run directory [default: RUN_DIR-pruned].")
-@click.option("--threshold", type=float, default=None, help="Re-decide the verdicts with this threshold [default: the analysis's].")
+@click.option("--threshold", type=float, default=None, callback=_finite_fraction, help="Re-decide the verdicts with this threshold [default: the analysis's].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None, quiet: bool) -> None:
     """Write RUN_DIR/pruned.yaml without the orders the analysis found unused; --train trains and compares it."""
@@ -176,23 +200,26 @@ def _order_list(value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        orders = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise IrrepscopeError(f"--orders must be comma-separated integers, got {value!r}") from None
+    if not orders:
+        raise IrrepscopeError("--orders is empty; give comma-separated orders such as 0,2 (or leave it out for all)")
+    return orders
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@click.option("--max-molecules", type=int, default=None, help="Analyse a seeded random subset of N molecules of the split.")
+@click.option("--max-molecules", type=int, default=None, callback=_count, help="Analyse a seeded random subset of N molecules of the split.")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
 @click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
-@click.option("--map-molecules", type=int, default=MAP_MOLECULES, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
-@click.option("--probe-molecules", type=int, default=PROBE_MOLECULES, show_default=True, help="Training molecules the linear probes are fit on.")
-@click.option("--ablation-molecules", type=int, default=ABLATION_MOLECULES, show_default=True, help="Molecules (seeded subset) for the all-blocks ablation.")
-@click.option("--threshold", type=float, default=THRESHOLD, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
+@click.option("--map-molecules", type=int, callback=_count, default=MAP_MOLECULES, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
+@click.option("--probe-molecules", type=int, callback=_count, default=PROBE_MOLECULES, show_default=True, help="Training molecules the linear probes are fit on.")
+@click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Molecules (seeded subset) for the all-blocks ablation.")
+@click.option("--threshold", type=float, default=THRESHOLD, callback=_finite_fraction, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=256, callback=_count, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(
@@ -251,8 +278,14 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        # Usage errors (unknown option, bad value, a file where a folder is wanted): one line, status 2.
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        # The environment refused (read-only folder, full disk, ...): say what and where, keep what is written.
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"error: cannot access{where}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -15,10 +15,15 @@ from typing import Any
 
 import yaml
 
-from irrepscope.errors import IrrepscopeError
-from irrepscope.orders import validate_orders
+from irrepscope.errors import IrrepscopeError, shorten
+from irrepscope.orders import tensor_product_weights, validate_orders
 
 BACKENDS = ("e3nn", "fast")
+# Refused before anything is allocated: 2e9 float32 parameters are 8 GB before gradients
+# and optimiser state (x4); the brief's largest model has 3.7 M.
+MAX_PARAMETERS = 2_000_000_000
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds; also what a YAML integer can sensibly hold
+MIN_ELEMENTS = 10  # the embedding is indexed by atomic number: QM9's fluorine is Z = 9
 GRAPHS = ("bond", "radius")
 REFERENCES = ("auto", "per_element", "none")
 SCHEDULES = ("none", "cosine", "plateau")
@@ -55,6 +60,27 @@ class ModelConfig:
         _positive_float(self, "cutoff", "aggregation_norm")
         if self.backend not in BACKENDS:
             raise IrrepscopeError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.num_elements < MIN_ELEMENTS:
+            raise IrrepscopeError(
+                f"model.num_elements must be at least {MIN_ELEMENTS} (atoms are embedded by atomic number; F is 9), "
+                f"got {self.num_elements}"
+            )
+        n = self.parameter_count()
+        if n > MAX_PARAMETERS:
+            raise IrrepscopeError(
+                f"this model would have {n:.3g} parameters ({4 * n / 1e9:.3g} GB in float32 before gradients and "
+                f"optimiser state); the limit is {MAX_PARAMETERS:.0e}: lower model.hidden_mul or the orders"
+            )
+
+    def parameter_count(self) -> int:
+        """The model's exact parameter count, computed without building it."""
+        radial = self.radial_hidden or self.hidden_mul
+        total = self.num_elements * self.embedding_dim + self.hidden_mul  # embedding + readout (0e -> 0e)
+        for block in range(self.num_blocks):
+            in_orders, mul_in = ([0], self.embedding_dim) if block == 0 else (self.orders, self.hidden_mul)
+            weights = tensor_product_weights(in_orders, mul_in, self.orders, self.hidden_mul)
+            total += self.num_basis * radial + radial * weights  # radial MLP, no biases
+        return total
 
 
 @dataclass
@@ -135,8 +161,8 @@ class TrainConfig:
             0 < self.plateau_factor < 1
         ):
             raise IrrepscopeError(f"train.plateau_factor must be a number in (0, 1), got {self.plateau_factor!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise IrrepscopeError(f"train.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise IrrepscopeError(f"train.seed must be an integer in [0, {MAX_SEED}], got {shorten(self.seed)}")
         if self.dtype not in ("float32", "float64"):
             raise IrrepscopeError(f"train.dtype must be float32 or float64, got {self.dtype!r}")
         for name in ("threads", "max_train_batches"):
@@ -190,6 +216,27 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
     return Config(**sections).validate()
 
 
+# Where and how fast a run computes, not what it computes: may change between invocations.
+PLACEMENT_KEYS = frozenset({"train.device", "train.threads"})
+
+
+def recipe_differences(recorded: Config, wanted: Config) -> list[str]:
+    """``section.key (run: a, now: b)`` for every key where a run's recorded config and ``wanted`` differ.
+
+    What continuing a run may change is no difference: a larger ``train.epochs`` (the run
+    is extended), ``train.device`` and ``train.threads``.
+    """
+    old, new = recorded.to_dict(), wanted.to_dict()
+    out = []
+    for section, values in new.items():
+        for key, value in values.items():
+            name, before = f"{section}.{key}", old[section][key]
+            if before == value or name in PLACEMENT_KEYS or (name == "train.epochs" and value > before):
+                continue
+            out.append(f"{name} (run: {shorten(before)}, now: {shorten(value)})")
+    return out
+
+
 def load_config(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), run_record: bool = False
 ) -> Config:
@@ -222,7 +269,9 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise IrrepscopeError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise IrrepscopeError(f"{path}: not UTF-8 text (byte {exc.start}): is it a YAML file?") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -233,9 +282,12 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
     """Return a copy of the raw mapping with ``section.key=value`` overrides applied."""
     if not overrides:
         return raw
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else raw
-    if not isinstance(raw, dict):
+    if raw is not None and not isinstance(raw, dict):
         raise IrrepscopeError("cannot apply --set to a config whose top level is not a mapping")
+    for name, section in (raw or {}).items():
+        if section is not None and not isinstance(section, dict):
+            raise IrrepscopeError(f"cannot apply --set: section {shorten(name)} is not a mapping but {shorten(section)}")
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")

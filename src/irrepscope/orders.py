@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from e3nn import o3
 
-from irrepscope.errors import IrrepscopeError
+from irrepscope.errors import IrrepscopeError, shorten
 
 MAX_ORDER = 12
 
@@ -22,22 +22,22 @@ def validate_orders(orders: Iterable[int]) -> list[int]:
     try:
         values = list(orders)
     except TypeError:
-        raise IrrepscopeError(f"orders must be a list of integers, got {orders!r}") from None
+        raise IrrepscopeError(f"orders must be a list of integers, got {shorten(orders)}") from None
     if not values:
         raise IrrepscopeError("orders must not be empty; it must contain at least 0")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise IrrepscopeError(f"orders must be integers, got {v!r} in {values}")
+            raise IrrepscopeError(f"orders must be integers, got {shorten(v)} in {shorten(values)}")
     if any(v < 0 for v in values):
-        raise IrrepscopeError(f"orders must be non-negative, got {values}")
+        raise IrrepscopeError(f"orders must be non-negative, got {shorten(values)}")
     if len(set(values)) != len(values):
-        raise IrrepscopeError(f"orders must be distinct, got duplicates in {values}")
+        raise IrrepscopeError(f"orders must be distinct, got duplicates in {shorten(values)}")
     if values != sorted(values):
-        raise IrrepscopeError(f"orders must be sorted ascending, got {values}")
+        raise IrrepscopeError(f"orders must be sorted ascending, got {shorten(values)}")
     if 0 not in values:
-        raise IrrepscopeError(f"orders must contain 0 (a scalar target needs l=0 features), got {values}")
+        raise IrrepscopeError(f"orders must contain 0 (a scalar target needs l=0 features), got {shorten(values)}")
     if max(values) > MAX_ORDER:
-        raise IrrepscopeError(f"orders above {MAX_ORDER} are not supported, got {values}")
+        raise IrrepscopeError(f"orders above {MAX_ORDER} are not supported, got {shorten(values)}")
     return values
 
 
@@ -94,3 +94,16 @@ def split_by_order(features: torch.Tensor, irreps: o3.Irreps | str) -> dict[int,
 def invariant_norms(block: torch.Tensor) -> torch.Tensor:
     """Rotation-invariant summary of an order block ``[..., H, 2l+1]``: the norm of each copy ``[..., H]``."""
     return block.norm(dim=-1)
+
+
+def tensor_product_weights(in_orders: Sequence[int], mul_in: int, orders: Sequence[int], mul_out: int) -> int:
+    """Weights of e3nn's fully connected product ``mul_in x in_orders  x  Y(orders) -> mul_out x orders``.
+
+    A path ``l1 x l2 -> l3`` exists when ``|l1 - l2| <= l3 <= l1 + l2`` and the parities
+    match (``l1 + l2 + l3`` even, every order having parity ``(-1)**l``); each holds
+    ``mul_in * mul_out`` weights.
+    """
+    paths = sum(
+        1 for l1 in in_orders for l2 in orders for l3 in orders if abs(l1 - l2) <= l3 <= l1 + l2 and (l1 + l2 + l3) % 2 == 0
+    )
+    return paths * mul_in * mul_out

@@ -32,8 +32,32 @@ def read_structures(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarra
     for k, atoms in enumerate(frames):
         if len(atoms) == 0:
             raise IrrepscopeError(f"{path}: frame {k} has no atoms")
-        structures.append((atoms.get_atomic_numbers().astype(np.int64), atoms.get_positions().astype(np.float64)))
+        z, pos = atoms.get_atomic_numbers().astype(np.int64), atoms.get_positions().astype(np.float64)
+        check_geometry(pos, f"{path}, molecule {k}")
+        structures.append((z, pos))
     return structures
+
+
+# Closer than this no two atoms of a molecule are (the shortest bond, H-H, is 0.74 Å); at
+# 0 Å the radial basis is 0/0 and the edge direction undefined.
+MIN_DISTANCE = 0.1  # Å
+
+
+def check_geometry(pos: np.ndarray, where: str) -> None:
+    """Refuse non-finite coordinates and atoms on top of each other."""
+    bad = np.flatnonzero(~np.isfinite(pos).all(axis=1))
+    if len(bad):
+        raise IrrepscopeError(f"{where}: atom {bad[0]} has a non-finite coordinate {pos[bad[0]].tolist()}")
+    if len(pos) > 1:
+        from scipy.spatial import cKDTree
+
+        dist, nearest = cKDTree(pos).query(pos, k=2)  # column 0 is the atom itself
+        i = int(np.argmin(dist[:, 1]))
+        if dist[i, 1] < MIN_DISTANCE:
+            j = int(nearest[i, 1])
+            raise IrrepscopeError(
+                f"{where}: atoms {min(i, j)} and {max(i, j)} are {dist[i, 1]:.3g} Å apart (at most one atom per place)"
+            )
 
 
 def check_elements(z: np.ndarray, allowed: set[int]) -> None:

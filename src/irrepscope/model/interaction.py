@@ -14,6 +14,7 @@ import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet
 
+from irrepscope.errors import IrrepscopeError
 from irrepscope.orders import hidden_irreps, sh_irreps
 
 
@@ -78,6 +79,8 @@ class InteractionBlock(torch.nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Choose who computes the tensor product: ``"e3nn"`` (reference) or ``"fast"``; weights are shared."""
+        if backend not in ("e3nn", "fast"):
+            raise IrrepscopeError(f"unknown backend {backend!r}; choose 'e3nn' or 'fast'")
         if backend == "fast" and self._fast is None:
             from irrepscope.model.fast_tp import FastTensorProduct
 

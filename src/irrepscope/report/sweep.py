@@ -21,6 +21,7 @@ from irrepscope.sweeps.summary import (  # noqa: E402
     collect_usage,
     comparison_markdown,
     mean_pm_std,
+    status_markdown,
     summarize,
     summary_markdown,
     write_results_csv,
@@ -45,12 +46,12 @@ def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
 
 
 def write_sweep_report(sweep: Sweep, out_dir: str | Path) -> list[Path]:
-    """Write results.csv, summary.md, summary.png and summary.html for the runs finished so far."""
+    """Write results.csv (every run, with its status), summary.md, summary.png and summary.html (finished runs; the others listed)."""
     out = Path(out_dir)
     rows = collect_results(sweep, out)
     write_results_csv(rows, out / "results.csv")
     summary = summarize(rows)
-    extra = comparison_markdown(rows, collect_usage(sweep, out))
+    extra = status_markdown(rows) + comparison_markdown(rows, collect_usage(sweep, out))
     markdown = summary_markdown(sweep.name, summary) + extra
     atomic_write_text(out / "summary.md", markdown)
     png = b""

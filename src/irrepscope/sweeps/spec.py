@@ -92,6 +92,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
     runs: list[RunSpec] = []
     names = set()
+    directories: dict[str, str] = {}  # case-folded variant directory -> the configuration (and grid point) that makes it
     for i, entry in enumerate(configs):
         where = f"{path}: configs[{i}]"
         if not isinstance(entry, dict):
@@ -109,7 +110,17 @@ def load_sweep(path: str | Path) -> Sweep:
         own = _as_overrides(entry.get("set"), f"{where}.set")
         for point in grid_points:
             point_overrides = _as_overrides(point, f"{path}: grid")
-            variant = _slug(",".join([name, *point_overrides]))
+            label = ",".join([name, *point_overrides])
+            variant = _slug(label)
+            if not variant:
+                raise IrrepscopeError(f"{where}: configuration name {name!r} has no character usable in a directory name")
+            # The slug drops characters (and case-insensitive file systems ignore case): two
+            # configurations sharing a directory would train one model and report it twice.
+            other = directories.setdefault(variant.casefold(), label)
+            if other != label:
+                raise IrrepscopeError(
+                    f"{where}: configurations {other!r} and {label!r} would share the run directory runs/{variant}; rename one"
+                )
             for seed in seeds:
                 overrides = [*common, *own, *point_overrides, f"train.seed={seed}"]
                 if config_file:

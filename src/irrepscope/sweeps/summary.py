@@ -1,4 +1,8 @@
-"""Gather a sweep's runs into results.csv and summarise them per configuration with error bars."""
+"""Gather a sweep's runs into results.csv and summarise them per configuration with error bars.
+
+results.csv has one row per run of the sweep, finished or not (its ``status``), so that no
+run goes missing silently; the summaries and comparisons use the finished runs only.
+"""
 
 from __future__ import annotations
 
@@ -12,34 +16,48 @@ from typing import Any
 import numpy as np
 
 from irrepscope.atomic import atomic_write_text
+from irrepscope.sweeps.runner import run_status
 from irrepscope.sweeps.spec import Sweep
 from irrepscope.training.runs import RunDir
 
 RESULT_FIELDS = [
     "config", "variant", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds",
     "reference", "test_mae_ev", "test_rmse_ev", "baseline_mae_ev", "mae_ratio_to_baseline", "n_test", "best_epoch", "run",
+    "status", "error",
 ]  # fmt: skip
 
 
+def _finished(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of finished runs (rows without a status, e.g. built by hand, count as finished)."""
+    return [r for r in rows if r.get("status", "finished") == "finished"]
+
+
 def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished run, read from the run's own test.json and metrics.csv."""
+    """One row per run: its status, and for a finished run its numbers, read from its own test.json and metrics.csv."""
     rows = []
     for spec in sweep.runs:
         run = RunDir.at(Path(out_dir) / spec.relpath)
-        if not run.test.is_file():
+        status, error = run_status(run.root, spec.config.train.epochs)
+        row: dict[str, Any] = {
+            "config": spec.config_name,
+            "variant": spec.variant,
+            "orders": " ".join(map(str, spec.config.model.orders)),
+            "hidden_mul": spec.config.model.hidden_mul,
+            "seed": spec.seed,
+            "run": spec.relpath,
+            "status": status,
+            "error": error,
+        }
+        rows.append(row)
+        if status != "finished":
             continue
         test = json.loads(run.test.read_text())
         metrics = run.read_metrics()
         # Runs written before the baseline existed: compute it from the run's own split.
         baseline = test if "baseline_mae_ev" in test else _baseline(run, spec.config.data.target)
-        rows.append(
+        row.update(
             {
-                "config": spec.config_name,
-                "variant": spec.variant,
-                "orders": " ".join(map(str, spec.config.model.orders)),
-                "hidden_mul": spec.config.model.hidden_mul,
                 "params": test["params"],
-                "seed": spec.seed,
                 "epochs": len(metrics),
                 "train_seconds": round(sum(float(r["epoch_seconds"]) for r in metrics), 1),
                 "reference": test.get("reference", "none"),
@@ -49,7 +67,6 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                 "mae_ratio_to_baseline": test["mae_ev"] / baseline["baseline_mae_ev"],
                 "n_test": test["n"],
                 "best_epoch": test["epoch"],
-                "run": spec.relpath,
             }
         )
     return rows
@@ -65,9 +82,9 @@ def _baseline(run: RunDir, target: str) -> dict[str, float]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per configuration variant: mean and sample standard deviation over seeds."""
+    """Per configuration variant: mean and sample standard deviation over the finished seeds."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
+    for row in _finished(rows):
         groups.setdefault(row["variant"], []).append(row)
     out = []
     for variant, items in groups.items():
@@ -119,6 +136,25 @@ def summary_markdown(name: str, summary: list[dict[str, Any]]) -> str:
             f"| {mean_pm_std(r['mae_mean'], r['mae_std'])} | {mean_pm_std(r['baseline_mean'], r['baseline_std'])} "
             f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])} | {r['train_seconds_mean']:.0f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def status_markdown(rows: list[dict[str, Any]]) -> str:
+    """The runs that are not finished (claimed elsewhere, failed, partial, not started), with a failure's error; "" if none."""
+    pending = [r for r in rows if r.get("status", "finished") != "finished"]
+    if not pending:
+        return ""
+    lines = [
+        "",
+        "## Runs not finished",
+        "",
+        f"{len(rows) - len(pending)} of {len(rows)} runs finished; the tables use the finished runs only.",
+        "",
+        "| run | status | error |",
+        "|---|---|---|",
+    ]
+    for r in pending:
+        lines.append(f"| {r['run']} | {r['status']} | {r['error'].replace('|', '/')} |")  # a "|" would split the cell
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +212,7 @@ def paired_comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from scipy import stats
 
     by_variant: dict[str, dict[int, float]] = {}
-    for r in rows:
+    for r in _finished(rows):
         by_variant.setdefault(r["variant"], {})[r["seed"]] = r["test_mae_ev"]
     names = list(by_variant)
     out = []

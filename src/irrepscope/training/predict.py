@@ -16,13 +16,27 @@ from irrepscope.errors import IrrepscopeError
 from irrepscope.training.evaluate import model_from_checkpoint
 from irrepscope.training.runs import RunDir
 
-# The model was trained on QM9, whose molecules hold these elements only.
+# The model was trained on QM9, whose molecules hold these elements only...
 TRAINED_ELEMENTS = set(ATOM_REF_U0_HARTREE)
+# ...and 3 to 29 atoms, at most 9 of them heavy.
+QM9_ATOMS = (3, 29)
+QM9_HEAVY_ATOMS = 9
+
+
+def outside_qm9(z) -> list[str]:
+    """Why a molecule lies outside what a QM9-trained model has seen (empty when it does not)."""
+    n, heavy = len(z), int((z > 1).sum())
+    notes = []
+    if not QM9_ATOMS[0] <= n <= QM9_ATOMS[1]:
+        notes.append(f"{n} atoms (QM9 molecules have {QM9_ATOMS[0]} to {QM9_ATOMS[1]})")
+    if heavy > QM9_HEAVY_ATOMS:
+        notes.append(f"{heavy} heavy atoms (QM9: at most {QM9_HEAVY_ATOMS})")
+    return notes
 
 
 @torch.no_grad()
 def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best", batch_size: int = 64) -> list[dict[str, Any]]:
-    """One result per molecule in ``path``: index, formula, prediction and its unit."""
+    """One result per molecule in ``path``: index, formula, prediction, its unit and warnings (molecules unlike QM9's)."""
     run = RunDir.at(run_dir).require()
     structures = read_structures(path)
     for i, (z, _) in enumerate(structures):
@@ -45,6 +59,7 @@ def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best"
                     "prediction": value,
                     "unit": PROPERTIES[config.data.target][0],
                     "target": config.data.target,
+                    "warnings": [f"outside QM9: {note}; the prediction is an extrapolation" for note in outside_qm9(z)],
                 }
             )
     return results

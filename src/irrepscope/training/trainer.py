@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from irrepscope.config import Config
+from irrepscope.config import Config, recipe_differences
 from irrepscope.data.batching import iterate_batches
 from irrepscope.data.composition import fit_composition
 from irrepscope.data.qm9 import Molecules, load_qm9
@@ -72,20 +72,11 @@ def after_validation(progress: dict[str, Any], val_mae: float, epoch: int, confi
     return False
 
 
-# What a resume may change: the run's length (only longer) and where and how fast it runs.
-RESUMABLE_CHANGES = {"epochs", "device", "threads"}
-
-
 def check_resumable(saved: Config, given: Config, done_epochs: int, where: Path) -> None:
     """A resume continues the run's own recipe: only a longer ``train.epochs``, the device and threads may differ."""
-    for section in ("model", "data", "train"):
-        a, b = getattr(saved, section).__dict__, getattr(given, section).__dict__
-        changed = [k for k in a if a[k] != b[k] and not (section == "train" and k in RESUMABLE_CHANGES)]
-        if changed:
-            what = ", ".join(f"{section}.{k} {a[k]!r} -> {b[k]!r}" for k in changed)
-            raise IrrepscopeError(f"cannot resume {where} with a changed recipe ({what}); only train.epochs may grow")
-    if given.train.epochs < done_epochs:
-        raise IrrepscopeError(f"cannot resume {where} with train.epochs={given.train.epochs}: it has already trained {done_epochs}")
+    changed = recipe_differences(saved, given)
+    if changed:
+        raise IrrepscopeError(f"cannot resume {where} with a changed recipe: {', '.join(changed)}; only train.epochs may grow")
     if given.train.schedule == "cosine" and given.train.epochs != saved.train.epochs:
         print(
             f"note: the cosine schedule of {where} is stretched from {saved.train.epochs} to {given.train.epochs} epochs: "
