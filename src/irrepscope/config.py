@@ -32,6 +32,7 @@ SCHEDULES = ("none", "cosine", "plateau")
 # before them behaved. A run's own config.yaml and a checkpoint's embedded config are
 # always fully resolved, so a key missing there means the run predates it.
 LEGACY_VALUES: dict[str, dict[str, Any]] = {
+    "model": {"radial_envelope": "none"},
     "data": {"reference": "none"},
     "train": {"warmup_epochs": 0.0, "ema_decay": None, "plateau_patience": 2, "plateau_factor": 0.5},
 }
@@ -51,8 +52,11 @@ class ModelConfig:
     radial_hidden: int | None = None  # hidden width of the radial MLP; None means hidden_mul
     aggregation_norm: float = 6.08  # messages are summed and divided by this constant
     backend: str = "fast"  # tensor-product implementation: e3nn (reference) or fast
+    radial_envelope: str = "none"  # none (published: Bessel basis cut by a step) | polynomial (smooth, as NequIP)
 
     def validate(self) -> None:
+        from irrepscope.model.radial import ENVELOPES
+
         self.orders = validate_orders(self.orders)
         _positive_int(self, "hidden_mul", "num_blocks", "num_basis", "embedding_dim", "num_elements")
         if self.radial_hidden is not None:
@@ -60,6 +64,8 @@ class ModelConfig:
         _positive_float(self, "cutoff", "aggregation_norm")
         if self.backend not in BACKENDS:
             raise IrrepscopeError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.radial_envelope not in ENVELOPES:
+            raise IrrepscopeError(f"model.radial_envelope must be one of {ENVELOPES}, got {shorten(self.radial_envelope)}")
         if self.num_elements < MIN_ELEMENTS:
             raise IrrepscopeError(
                 f"model.num_elements must be at least {MIN_ELEMENTS} (atoms are embedded by atomic number; F is 9), "

@@ -2,7 +2,7 @@
 
 The CSVs are parsed once (a few seconds), bonds are perceived from the geometry, and
 the result is cached as one uncompressed ``.npz`` that loads in well under a second.
-The cache carries a fingerprint of the source files (size and mtime) and of
+The cache carries a fingerprint of the source files' content (size and hashes) and of
 ``PARSER_VERSION``; any mismatch, or a cache that cannot be read, triggers a re-parse.
 
 ``qm9pack`` itself is never imported (its ``__init__`` needs ``pkg_resources``); only
@@ -12,6 +12,7 @@ its data folder is located.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -241,15 +242,29 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "irrepscope"
 
 
+# Bytes hashed at each end of every source file: enough to tell two releases apart, cheap at every start.
+FINGERPRINT_BYTES = 1 << 20
+
+
 def _fingerprint(source_dir: Path) -> str:
+    """What the cache was built from, by content (size and hashes of both ends of each file), not by path.
+
+    Two installs of the same data (two clones, two virtual environments) share one cache;
+    a different release or an edited file rebuilds it.
+    """
     files = {}
     for name in (*SOURCE_FILES, POLARIZABILITY_FILE):
         path = source_dir / name
         if not path.is_file():
             raise IrrepscopeError(f"QM9 data file {path} is missing: install qm9pack (pip install qm9pack)")
-        st = path.stat()
-        files[name] = [st.st_size, st.st_mtime_ns]
-    return json.dumps({"parser_version": PARSER_VERSION, "source": str(source_dir.resolve()), "files": files})
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            digest.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(f.read(FINGERPRINT_BYTES))
+        files[name] = [size, digest.hexdigest()]
+    return json.dumps({"parser_version": PARSER_VERSION, "files": files}, sort_keys=True)
 
 
 def load_qm9(

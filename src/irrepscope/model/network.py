@@ -97,7 +97,7 @@ class EquivariantGraphConv(torch.nn.Module):
 
     def edge_geometry(self, batch: "Batch") -> EdgeGeometry:
         vec = batch.pos[batch.edge_src] - batch.pos[batch.edge_dst]
-        radial = bessel_basis(vec.norm(dim=1), self.config.cutoff, self.config.num_basis)
+        radial = bessel_basis(vec.norm(dim=1), self.config.cutoff, self.config.num_basis, self.config.radial_envelope)
         return EdgeGeometry(batch.edge_src, batch.edge_dst, vec, radial, self.orders)
 
     def forward(
