@@ -61,3 +61,13 @@ def test_unused_at_threshold():
     assert unused_at(usage, 0.05) == [1, 3]
     with pytest.raises(IrrepscopeError):
         unused_at(usage, -1)
+
+
+def test_least_used_prunes_exactly_the_smallest_ablation_effect():
+    from irrepscope.sweeps.prune import least_used
+
+    rows = [{"block": "all", "order": l, "ablation_delta_mae_ev": d} for l, d in [(0, 0.0), (1, 0.3), (2, 0.05), (3, 2.0)]]
+    rows.append({"block": 1, "order": 3, "ablation_delta_mae_ev": -5.0})  # a per-block row must not count
+    assert least_used({"rows": rows}) == [2]
+    with pytest.raises(IrrepscopeError, match="no order besides 0"):
+        least_used({"rows": rows[:1]})

@@ -164,18 +164,23 @@ def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: 
 @click.option("--train", "do_train", is_flag=True, help="Train the pruned config with the same budget and seed, then compare.")
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Pruned run directory [default: RUN_DIR-pruned].")
 @click.option("--threshold", type=float, default=None, callback=_finite_fraction, help="Re-decide the verdicts with this threshold [default: the analysis's].")
+@click.option("--least-used", is_flag=True, help="Prune exactly one order: the one whose removal raises the MAE least.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None, quiet: bool) -> None:
+def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None, least_used: bool, quiet: bool) -> None:
     """Write RUN_DIR/pruned.yaml without the orders the analysis found unused; --train trains and compares it."""
     from irrepscope.atomic import atomic_write_text
-    from irrepscope.sweeps.prune import comparison_markdown, pruned_config, read_usage, unused_at, write_comparison
+    from irrepscope.sweeps.prune import comparison_markdown, least_used as least_used_order, pruned_config, read_usage, unused_at, write_comparison
     from irrepscope.training.runs import RunDir
     from irrepscope.training.trainer import train as train_run
 
+    if least_used and threshold is not None:
+        raise IrrepscopeError("--least-used and --threshold exclude each other")
     original = RunDir.at(run_dir).require()
     usage = read_usage(run_dir)
     if threshold is not None:
         usage["unused_orders"] = unused_at(usage, threshold)
+    elif least_used:
+        usage["unused_orders"] = least_used_order(usage)
     config = pruned_config(run_dir, usage)
     target = Path(run_dir) / "pruned.yaml"
     atomic_write_text(target, config.to_yaml())

@@ -58,6 +58,14 @@ def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
     )
 
 
+def least_used(usage: dict[str, Any]) -> list[int]:
+    """The one order (never 0) whose removal after every block raises the MAE least: what to prune first."""
+    rows = [r for r in usage["rows"] if r["block"] == "all" and int(r["order"]) != 0 and r["ablation_delta_mae_ev"] is not None]
+    if not rows:
+        raise IrrepscopeError("the model has no order besides 0 to prune")
+    return [int(min(rows, key=lambda r: r["ablation_delta_mae_ev"])["order"])]
+
+
 def pruned_config(run_dir: str | Path, usage: dict[str, Any]) -> Config:
     """The run's own config (same budget, seed and split) with the unused orders removed."""
     config = RunDir.at(run_dir).load_config()
