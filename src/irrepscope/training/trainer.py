@@ -171,23 +171,22 @@ class Trainer:
         progress = {k: state[k] for k in ("epoch", "best_val_mae", "best_epoch")}
         progress["plateau_scale"] = float(state.get("plateau_scale", 1.0))
         progress["plateau_since"] = int(state.get("plateau_since", state["best_epoch"]))
-        self._resume_ema = state["model"] if "train_model" in state else None
-        self._resume_ema_count = int(state.get("ema_updates", 0))
+        if "train_model" in state:  # the averaged weights and how many updates they hold
+            progress["ema"] = (state["model"], int(state.get("ema_updates", 0)))
         return model, opt, progress
 
     # -- loop -------------------------------------------------------------------------------
     def run_training(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``train.epochs`` finished epochs, then evaluate best.pt on the test split."""
         cfg = self.config
-        self._resume_ema = None
         model, opt, progress = self._resumed() if resume else self._fresh()
         ema = None
         if cfg.train.ema_decay is not None:
             twin = build_model(cfg.model).to(self.device, self.dtype)
             ema = WeightEMA(model, twin, cfg.train.ema_decay)
-            if self._resume_ema is not None:
-                ema.module.load_state_dict(self._resume_ema)
-                ema.n_averaged = self._resume_ema_count
+            if "ema" in progress:
+                averaged, ema.n_averaged = progress.pop("ema")
+                ema.module.load_state_dict(averaged)
         split = load_split(self.run.split)
         self._rows = rows = self.run.read_metrics()
         target = self.mols.properties[cfg.data.target]
