@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ from e3nn import o3
 from helpers import run_cli
 from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import all_blocks_ablation, collect, rerun_ablation
-from irrepscope.analysis.runner import analyze_model, check_orders
+from irrepscope.analysis.runner import _subset, analyze_model, check_orders
 from irrepscope.config import ModelConfig
 from irrepscope.data import collate
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import build_model
 
+ROOT = Path(__file__).resolve().parents[1]
 EVAL = np.arange(100, 122)
 TRAIN = np.arange(1000, 1040)
 COMMON = dict(target="U0_atomization", graph="bond", cutoff=6.0, batch_size=16)
@@ -43,12 +45,13 @@ def zero_order_paths(model, l: int) -> None:
                 start += n
 
 
-def rows_of(model, mols, **kw):
-    ev = collect(model, mols, EVAL, gradients=True, **COMMON)
-    probe = collect(model, mols, TRAIN, gradients=False, **COMMON)
+def rows_of(model, mols, orders=None):
+    ev = collect(model, mols, EVAL, gradients=True, orders=orders, **COMMON)
+    probe = collect(model, mols, TRAIN, gradients=False, orders=orders, **COMMON)
     batch = collate(mols, EVAL, None, dtype=torch.float64)
-    all_blocks = {l: usage.mae(rerun_ablation(model, batch, None, l).numpy(), ev.target) - usage.mae(ev.prediction, ev.target) for l in model.orders}
-    return ev, usage.usage_rows(ev, all_blocks, probe)
+    base = usage.mae(ev.prediction, ev.target)
+    all_blocks = {l: usage.mae(rerun_ablation(model, batch, None, l).numpy(), ev.target) - base for l in ev.orders}
+    return ev, usage.usage_rows(ev, all_blocks, probe, all_blocks_mae=base)
 
 
 def test_order_split_matches_e3nn_slices(qm9):
@@ -179,6 +182,80 @@ def test_probe_recovers_planted_target(qm9):
     assert r2[0] < 0.9 and r2[1] < 0.9
 
 
+def test_norm_shares_are_of_the_whole_block_whatever_orders_are_analysed(qm9):
+    """Issue 13: ``--orders 0,2`` must not change the l = 0 share; shares are of every order's norm."""
+    model = tiny(orders=(0, 1, 2), mul=3, blocks=2)
+    _, rows = rows_of(model, qm9)
+    _, rows_sub = rows_of(model, qm9, orders=[0, 2])
+    full = {(r["block"], r["order"]): r for r in rows if r["block"] != "all"}
+    keys = ("norm_share_node", "norm_share_graph")
+    for b in (1, 2):
+        for key in keys:
+            assert sum(full[b, l][key] for l in (0, 1, 2)) == pytest.approx(1.0, rel=1e-12)
+            assert full[b, 1][key] > 1e-3  # l = 1 carries part of the norm: leaving it out matters
+    sub = [r for r in rows_sub if r["block"] != "all"]
+    assert {r["order"] for r in sub} == {0, 2}
+    for r in sub:
+        for key in keys:
+            assert r[key] == pytest.approx(full[r["block"], r["order"]][key], rel=1e-12), (r["block"], r["order"], key)
+
+
+@pytest.mark.parametrize(
+    "eval_indices, probe_molecules",
+    [(TRAIN, 20), (TRAIN[:20], 30), (EVAL, 20)],
+    ids=["whole-train-split", "part-of-train-split", "test-split"],
+)
+def test_probe_is_scored_on_held_out_molecules(qm9, monkeypatch, eval_indices, probe_molecules):
+    """Issue 14: analysing the training split, the probe must not be scored on molecules it was fit on."""
+    calls = []
+    real = usage.probe_r2
+
+    def spy(train_features, train_target, eval_features, eval_target):
+        calls.append((train_features, eval_features))
+        return real(train_features, train_target, eval_features, eval_target)
+
+    monkeypatch.setattr(usage, "probe_r2", spy)
+    model = tiny(orders=(0, 1), mul=3)
+    res = analyze_model(
+        model, qm9, eval_indices, TRAIN, target="U0_atomization", embedding="pca", map_molecules=10,
+        probe_molecules=probe_molecules, ablation_molecules=None, progress=False,
+    )  # fmt: skip
+    assert calls and any(np.isfinite(r["probe_r2"]) for r in res["rows"])
+    for fit, scored in calls:
+        # Each molecule's invariant features are distinct, so a shared row is a shared molecule.
+        shared = {row.tobytes() for row in fit} & {row.tobytes() for row in scored}
+        assert not shared and len(fit) >= 2 and len(scored) >= 2
+    assert res["probe_molecules"] + res["probe_scored_molecules"] >= len(eval_indices)
+    assert res["probe_scored_molecules"] == len(calls[0][1]) and res["probe_molecules"] == len(calls[0][0])
+    assert "not fit on" in res["probe_rule"]
+
+
+def test_verdict_compares_like_with_like(qm9):
+    """Issue 15: the all-blocks delta (measured on the ablation subset) is judged against the MAE on that subset."""
+    model = tiny()
+    ev_idx = np.arange(100, 140)
+    kw = dict(target="U0_atomization", embedding="pca", map_molecules=10, probe_molecules=10, ablation_molecules=8)
+    kw["progress"] = False
+    res = analyze_model(model, qm9, ev_idx, TRAIN, **kw)
+    sub = ev_idx[_subset(len(ev_idx), 8, 0)]
+    with torch.no_grad():
+        pred = model(collate(qm9, sub, None, dtype=torch.float64)).prediction.numpy()
+    sub_mae = usage.mae(pred, qm9.properties["U0_atomization"][sub])
+    full_mae = res["model_mae"]
+    assert abs(sub_mae - full_mae) > 0.01 * full_mae  # the two MAEs differ: the check is not vacuous
+    # A threshold for which the verdict of the order with the largest effect depends on which MAE is used.
+    alls = {r["order"]: r["ablation_delta_mae_ev"] for r in res["rows"] if r["block"] == "all"}
+    l, delta = max(alls.items(), key=lambda kv: kv[1])
+    assert delta > 0
+    threshold = delta / np.sqrt(sub_mae * full_mae)
+    again = analyze_model(model, qm9, ev_idx, TRAIN, threshold=threshold, **kw)
+    row = next(r for r in again["rows"] if r["block"] == "all" and r["order"] == l)
+    assert row["ablation_delta_mae_ev"] == pytest.approx(delta, rel=1e-12)
+    assert row["verdict"] == ("used" if sub_mae < full_mae else "unused")
+    assert res["threshold_ev"] == pytest.approx(res["threshold"] * sub_mae, rel=1e-9)
+    assert res["ablation_model_mae"] == pytest.approx(sub_mae, rel=1e-9)
+
+
 def test_verdict_threshold():
     assert usage.verdict(0.0, 1.0) == "unused"
     assert usage.verdict(0.009, 1.0) == "unused"
@@ -203,6 +280,33 @@ def test_structure_scores_see_structure():
     assert np.all(latent.embed_2d(np.ones((20, 3)), "phate") == 0)  # featureless input: no map, no crash
 
 
+def noisy_curve_with_twins(n: int = 300, twins: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Points along a noisy 1-D curve in 6-D (and their curve parameter), then ``twins`` near-copies of every 30th point."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0, 1, n))
+    x = np.stack([np.cos(3 * np.pi * t), np.sin(3 * np.pi * t), 2 * t, np.cos(np.pi * t), t**2, np.zeros(n)], axis=1)
+    x += 0.02 * rng.normal(size=x.shape)
+    step = n // twins
+    return np.concatenate([x, x[::step][:twins] + 1e-6 * rng.normal(size=(twins, 6))]), np.concatenate([t, t[::step][:twins]])
+
+
+@pytest.mark.parametrize("method", ["phate", "umap"])
+def test_phate_and_umap_maps_keep_structure(method):
+    """The default embedding (PHATE) and UMAP, run for real on 310 points (each well under 20 s)."""
+    x, t = noisy_curve_with_twins()
+    y = latent.embed_2d(x, method, seed=0)
+    assert y.shape == (310, 2) and np.all(np.isfinite(y))
+    dist = np.linalg.norm(y[:, None] - y[None], axis=-1)
+    typical = np.median(dist[np.triu_indices(len(y), 1)])
+    assert typical > 0
+    # near-identical inputs land close together (measured: about 0.015 x the median distance)
+    assert np.linalg.norm(y[:300:30] - y[300:], axis=1).max() < 0.1 * typical
+    # neighbourhoods in the map follow the curve (measured: knn_r2 0.99, trustworthiness 0.95-0.99)
+    scores = latent.structure_scores(x, y, t)
+    assert scores["knn_r2"] > 0.9 and scores["trustworthiness"] > 0.9
+    np.testing.assert_allclose(latent.embed_2d(x, method, seed=0), y, rtol=1e-6, atol=1e-9)  # seeded: the same map again
+
+
 def test_analyze_model_orders_and_empty(qm9):
     model = tiny()
     with pytest.raises(IrrepscopeError, match="no order"):
@@ -216,7 +320,8 @@ def test_analyze_model_orders_and_empty(qm9):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("an") / "run"
-    assert run_cli("train", "configs/quick/tiny.yaml", "--out", str(run), "--quiet", "--set", "data.limit=300", "--set", "train.epochs=1") == 0
+    tiny_yaml = str(ROOT / "configs" / "quick" / "tiny.yaml")
+    assert run_cli("train", tiny_yaml, "--out", str(run), "--quiet", "--set", "data.limit=300", "--set", "train.epochs=1") == 0
     return run
 
 
@@ -226,14 +331,25 @@ def test_analyze_cli_end_to_end(tiny_run):
     for name in ("usage.csv", "usage.json", "report.html", "usage.png", "paths.png", "map_joint.png", "map_l1.png"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64" in html and "suggested pruned order list" in html.lower() or "nothing to prune" in html
+    assert html.count("data:image/png;base64") == len(list(out.glob("*.png")))  # every image embedded
+    assert "suggested pruned order list" in html.lower() or "nothing to prune" in html
     data = json.loads((out / "usage.json").read_text())
-    for key in ("orders", "unused_orders", "suggested_orders", "threshold", "model_mae", "rows", "paths", "maps"):
+    keys = ("orders", "unused_orders", "suggested_orders", "threshold", "threshold_ev", "model_mae", "ablation_model_mae",
+            "probe_scored_molecules", "rows", "paths", "maps")  # fmt: skip
+    for key in keys:
         assert key in data
     assert set(data["maps"]) == {"l=0", "l=1", "l=2", "joint"}
     lines = (out / "usage.csv").read_text().splitlines()
     assert lines[0].startswith("block,order,norm_share_node") and len(lines) == 1 + 3 * 2 + 3
     assert data["n_molecules"] == 30  # the run's own test split (10 % of 300)
+
+
+def test_analyze_cli_train_split_scores_the_probe_on_held_out_molecules(tiny_run):
+    assert run_cli("analyze", str(tiny_run), "--split", "train", "--max-molecules", "60", "--embedding", "pca", "--quiet") == 0
+    data = json.loads((tiny_run / "analysis" / "usage.json").read_text())
+    assert data["split"] == "train" and data["n_molecules"] == 60
+    # 180 training molecules are not analysed; the probe takes those and 30 of the 60 analysed, scored on the other 30
+    assert data["probe_molecules"] == 210 and data["probe_scored_molecules"] == 30
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 import csv
 import os
-import time
 from pathlib import Path
 
 import ase
@@ -114,9 +113,7 @@ def test_cache_is_reused(qm9, monkeypatch):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(qm9_module, "_parse_source", no_parse)
-    start = time.perf_counter()
-    again = load_qm9()
-    assert time.perf_counter() - start < 2.0
+    again = load_qm9()  # how much faster than parsing: benchmarks/data.py
     assert len(again) == len(qm9)
     np.testing.assert_array_equal(again.positions, qm9.positions)
     assert again.smiles == qm9.smiles
@@ -172,9 +169,15 @@ def test_corrupt_or_stale_cache_is_rebuilt(small_source, tmp_path, monkeypatch):
     monkeypatch.setattr(qm9_module, "PARSER_VERSION", qm9_module.PARSER_VERSION + 1)
     load_qm9(cache, progress=False, source_dir=small_source)
     assert parses == [1]  # a new parser version invalidates the cache
-    os.utime(small_source / "qm9_part3.csv", ns=(1, 1))  # same size: the mtime alone must invalidate it
+    part = small_source / "qm9_part3.csv"
+    os.utime(part, ns=(1, 1))  # the cache is keyed by content, not by mtime: a touched file keeps it
     load_qm9(cache, progress=False, source_dir=small_source)
-    assert parses == [1, 1]
+    assert parses == [1]
+    text = part.read_bytes()
+    last = max(text.rfind(bytes([d])) for d in b"0123456789")
+    part.write_bytes(text[:last] + (b"1" if text[last:last + 1] != b"1" else b"2") + text[last + 1:])
+    load_qm9(cache, progress=False, source_dir=small_source)
+    assert parses == [1, 1]  # same size, one digit changed: rebuilt
 
 
 def test_missing_source_is_a_clear_error(small_source, tmp_path):
@@ -322,12 +325,13 @@ def test_iterate_batches(qm9):
     assert not torch.equal(torch.cat(epoch1), torch.cat(epoch2))
 
 
-def test_batching_throughput(qm9):
+def test_batching_covers_a_large_shuffled_range(qm9):
+    """20,000 molecules in shuffled batches of 32: each exactly once (the speed: benchmarks/data.py)."""
     indices = np.arange(20_000)
-    start = time.perf_counter()
-    count = sum(b.num_graphs for b in iterate_batches(qm9, indices, 32, shuffle=True, seed=0, target="U0_atomization"))
-    assert count == 20_000
-    assert count / (time.perf_counter() - start) > 20_000  # molecules per second
+    batches = list(iterate_batches(qm9, indices, 32, shuffle=True, seed=0, target="U0_atomization"))
+    assert sum(b.num_graphs for b in batches) == 20_000 and len(batches) == 625
+    seen = torch.cat([b.mol_index for b in batches]).numpy()
+    assert np.array_equal(np.sort(seen), indices)
 
 
 def test_batch_from_structures_matches_collate(qm9):

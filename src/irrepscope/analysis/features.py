@@ -47,6 +47,10 @@ class SplitPass:
     graph_invariants: list[dict[int, np.ndarray]]
     node_sq: np.ndarray  # [B, n_orders] sum over atoms of the squared norm of each order block
     graph_sq: np.ndarray  # [B, n_orders] sum over molecules of the squared norm of the pooled order block
+    # [B] the same sums over *all* of the model's orders, whatever ``orders`` holds: the
+    # denominators of the norm shares, so that analysing a subset does not inflate them.
+    node_sq_total: np.ndarray
+    graph_sq_total: np.ndarray
     num_atoms: int = 0
     # With gradients only:
     grad_x_input: np.ndarray | None = None  # [B, n_orders] sum over atoms of sum_u |<g_u, x_u>|
@@ -117,6 +121,9 @@ def collect(
     With ``gradients``, also the gradient of each molecule's prediction w.r.t. every
     block's output (one backward per batch), the per-(block, order) ablation predictions
     derived from it and the second moments of the radial MLP's hidden layer.
+
+    ``orders`` restricts the per-order measures; the squared norm of each whole block (all
+    of the model's orders) is always summed too (``node_sq_total``/``graph_sq_total``).
     """
     orders = list(orders if orders is not None else model.orders)
     irreps = model.irreps_hidden
@@ -127,6 +134,8 @@ def collect(
     inv = [{l: [] for l in orders} for _ in range(nb)]
     node_sq = np.zeros((nb, no))
     graph_sq = np.zeros((nb, no))
+    node_sq_total = np.zeros(nb)
+    graph_sq_total = np.zeros(nb)
     gxi = np.zeros((nb, no))
     abl: list[np.ndarray] = []
     moments = [None] * nb
@@ -159,6 +168,8 @@ def collect(
                 x_by = split_by_order(xb, irreps)
                 p_by = split_by_order(pooled, irreps)
                 g_by = split_by_order(gb, irreps) if gb is not None else None
+                node_sq_total[b] += float((xb.double() ** 2).sum())
+                graph_sq_total[b] += float((pooled.double() ** 2).sum())
                 for j, l in enumerate(orders):
                     node_sq[b, j] += float((x_by[l].double() ** 2).sum())
                     graph_sq[b, j] += float((p_by[l].double() ** 2).sum())
@@ -195,6 +206,8 @@ def collect(
         graph_invariants=[{l: (np.concatenate(v[l]) if v[l] else np.zeros((0, 0))) for l in orders} for v in inv],
         node_sq=node_sq,
         graph_sq=graph_sq,
+        node_sq_total=node_sq_total,
+        graph_sq_total=graph_sq_total,
         num_atoms=num_atoms,
         grad_x_input=gxi if gradients else None,
         ablation_prediction=np.concatenate(abl, axis=2) if abl else None,

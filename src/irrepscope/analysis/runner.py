@@ -2,7 +2,11 @@
 
 RUN_DIR/analysis/usage.csv    one row per (block, order) and one ``all`` row per order
 RUN_DIR/analysis/usage.json   orders, unused_orders, suggested_orders, threshold, MAE,
-                              rows, path weights, map scores, stage timings
+                              rows, path weights, map scores, stage timings; also
+                              ablation_model_mae (the model's MAE on the all-blocks
+                              ablation's subset, which threshold_ev and the verdicts use)
+                              and probe_scored_molecules (the held-out molecules the
+                              probes are scored on)
 RUN_DIR/analysis/*.png        usage heat maps, path-weight heat maps, latent maps
 RUN_DIR/analysis/report.html  self-contained report (images embedded)
 """
@@ -63,6 +67,24 @@ def _subset(n: int, size: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def probe_fit_indices(eval_indices: np.ndarray, train_indices: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """The training molecules to fit the probes on, chosen so that analysed molecules are left to score them on.
+
+    A seeded subset of ``size`` (None: all) training molecules that are not being analysed.
+    Only where there are fewer such molecules (the analysed split is the training split)
+    are the rest drawn from the analysed ones, at most half of them; the probe is then
+    scored on the analysed molecules it was not fit on (:func:`usage.usage_rows`).
+    """
+    outside = train_indices[~np.isin(train_indices, eval_indices)]  # split order kept: the same pick as before for test/val
+    fit = outside[_subset(len(outside), size, seed)]
+    missing = (len(train_indices) if size is None else size) - len(fit)
+    inside = eval_indices[np.isin(eval_indices, train_indices)]
+    if missing > 0 and len(inside) > 0:
+        extra = inside[_subset(len(inside), min(missing, len(inside) // 2), seed + 1)]
+        fit = np.concatenate([fit, extra])
+    return fit
+
+
 def analyze_model(
     model: EquivariantGraphConv,
     mols: Molecules,
@@ -82,7 +104,13 @@ def analyze_model(
     threshold: float = usage.THRESHOLD,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Every analysis stage on ``mols[eval_indices]``; returns the usage.json content plus map arrays (key ``_maps``)."""
+    """Every analysis stage on ``mols[eval_indices]``; returns the usage.json content plus map arrays (key ``_maps``).
+
+    The probes are fit on training molecules (:func:`probe_fit_indices`) and always scored
+    on analysed molecules they were not fit on, also when ``eval_indices`` are training
+    molecules. The all-blocks verdicts use the model's MAE on the all-blocks ablation's
+    subset (``ablation_model_mae``), the molecules their deltas were measured on.
+    """
     orders = check_orders(orders, model.orders)
     if len(eval_indices) == 0:
         raise IrrepscopeError("the split to analyse is empty (check --max-molecules)")
@@ -111,18 +139,20 @@ def analyze_model(
     for batch in bar(batches, math.ceil(len(abl_pos) / batch_size), "all-blocks ablation"):
         for l, p in all_blocks_ablation(model, batch.to(device), orders, removed).items():
             ablated[l].append(p.double().cpu().numpy())
-    base_sub = usage.mae(ev.prediction[abl_pos], ev.target[abl_pos])
-    all_blocks = {l: usage.mae(np.concatenate(ablated[l]), ev.target[abl_pos]) - base_sub for l in orders}
+    # The deltas are measured on this subset, so the verdict compares them with the MAE on it.
+    ablation_mae = usage.mae(ev.prediction[abl_pos], ev.target[abl_pos])
+    all_blocks = {l: usage.mae(np.concatenate(ablated[l]), ev.target[abl_pos]) - ablation_mae for l in orders}
     timings["all_blocks_ablation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    probe_idx = train_indices[_subset(len(train_indices), probe_molecules, seed)]
+    probe_idx = probe_fit_indices(eval_indices, train_indices, probe_molecules, seed)
     probe = (
         collect(model, mols, probe_idx, gradients=False, progress=bar, desc="probe features (train)", **common)
         if len(probe_idx) >= 2
         else None
     )
-    rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold)
+    probe_scored = len(usage.held_out_positions(eval_indices, probe_idx)) if probe is not None else 0
+    rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold, all_blocks_mae=ablation_mae)
     paths = usage.path_weight_rms(model, ev)
     timings["probe_usage"] = time.perf_counter() - t
 
@@ -159,11 +189,16 @@ def analyze_model(
         "unused_orders": unused,
         "suggested_orders": suggested,
         "threshold": threshold,
-        "threshold_ev": threshold * model_mae,
-        "threshold_rule": "unused if zeroing the order after every block raises the MAE by less than threshold x model MAE",
+        "threshold_ev": threshold * ablation_mae,
+        "threshold_rule": "unused if zeroing the order after every block raises the MAE by less than threshold x the "
+        "model's MAE, both on the same ablation_molecules molecules (ablation_model_mae; threshold_ev = threshold x it)",
+        "ablation_model_mae": ablation_mae,
         "embedding": embedding,
         "map_molecules": int(len(map_pos)),
         "probe_molecules": int(len(probe_idx)),
+        "probe_scored_molecules": int(probe_scored),
+        "probe_rule": "ridge probe fit on probe_molecules molecules of the training split, R^2 on the "
+        "probe_scored_molecules analysed molecules it was not fit on (with --split train: the rest of the analysed ones)",
         "ablation_molecules": int(len(abl_pos)),
         "num_blocks": len(model.blocks),
         "rows": rows,

@@ -2,19 +2,24 @@
 
 Measures (one row per block and order, plus one ``block = "all"`` row per order):
 
-* ``norm_share_node`` / ``norm_share_graph``: fraction of the squared feature norm carried
-  by the order, summed over the split's atoms (node features) or molecules (sum-pooled
-  graph features). Large does not mean used: the readout may ignore it.
+* ``norm_share_node`` / ``norm_share_graph``: fraction of the block's squared feature norm
+  (over *all* of the model's orders, whatever subset is analysed) carried by the order,
+  summed over the split's atoms (node features) or molecules (sum-pooled graph features).
+  Large does not mean used: the readout may ignore it.
 * ``ablation_delta_mae_ev``: MAE with the order's features zeroed after that block minus
   the model's MAE (target unit, eV for energies). The ``all`` row zeroes it after every
   block. This is the primary measure.
 * ``grad_x_input``: per atom, ``sum_u |<dpred/dx_u, x_u>|`` over the order's copies ``u``
   (inner product over the 2l+1 components: rotation invariant, the first-order estimate of
   zeroing that copy), averaged over atoms.
-* ``probe_r2``: R^2 on the evaluated split of a ridge probe of the target from the
-  order's invariant graph features at that block, fit on (a subset of) the training split.
+* ``probe_r2``: R^2 of a ridge probe of the target from the order's invariant graph
+  features at that block, fit on (a subset of) the training split and scored only on
+  evaluated molecules it was not fit on (when the evaluated split is the training split,
+  the molecules it was fit on are left out of the scoring: no leakage).
 * ``verdict``: ``unused`` when the ablation effect is below ``THRESHOLD`` x the model's
-  MAE, else ``used``; the ``all`` row's verdict decides the order's fate.
+  MAE *on the molecules the effect was measured on* (the whole evaluated split for the
+  per-block rows, the all-blocks ablation's subset for the ``all`` rows), else ``used``;
+  the ``all`` row's verdict decides the order's fate.
 
 Path weights: for every tensor-product path (l_in x l_edge -> l_out), the RMS of the
 per-edge weights the radial MLP produces over the evaluated edges.
@@ -78,30 +83,46 @@ def probe_r2(
     return float(r2_score(eval_target, probe.predict(eval_features)))
 
 
+def held_out_positions(eval_indices: np.ndarray, fit_indices: np.ndarray) -> np.ndarray:
+    """Positions in ``eval_indices`` of the molecules not in ``fit_indices``: where a probe fit on those may be scored."""
+    return np.flatnonzero(~np.isin(eval_indices, fit_indices))
+
+
 def usage_rows(
     eval_pass: SplitPass,
     all_blocks: dict[int, float],
     probe_pass: SplitPass | None,
     threshold: float = THRESHOLD,
+    *,
+    all_blocks_mae: float,
 ) -> list[dict[str, Any]]:
     """The rows of usage.csv from an evaluated pass (with gradients), all-blocks deltas and a training pass.
 
-    ``all_blocks`` maps order -> delta MAE when zeroed after every block.
+    ``all_blocks`` maps order -> delta MAE when zeroed after every block, measured on a
+    subset of the evaluated molecules on which the model's MAE is ``all_blocks_mae``: the
+    ``all`` verdicts compare the delta with ``threshold`` x that MAE (like with like).
+    The probes are fit on ``probe_pass`` and scored on the evaluated molecules that are
+    not in it (NaN when fewer than two are left).
     """
     if eval_pass.target is None or eval_pass.ablation_prediction is None or eval_pass.grad_x_input is None:
         raise IrrepscopeError("usage needs a pass with targets and gradients")
     base = mae(eval_pass.prediction, eval_pass.target)
+    probing = probe_pass is not None and probe_pass.target is not None
+    scored = held_out_positions(eval_pass.indices, probe_pass.indices) if probing else np.zeros(0, dtype=np.int64)
     rows: list[dict[str, Any]] = []
     nb = eval_pass.node_sq.shape[0]
     for b in range(nb):
-        node_tot = eval_pass.node_sq[b].sum()
-        graph_tot = eval_pass.graph_sq[b].sum()
+        node_tot = eval_pass.node_sq_total[b]
+        graph_tot = eval_pass.graph_sq_total[b]
         for j, l in enumerate(eval_pass.orders):
             delta = mae(eval_pass.ablation_prediction[b, j], eval_pass.target) - base
             r2 = float("nan")
-            if probe_pass is not None and probe_pass.target is not None:
+            if probing:
                 r2 = probe_r2(
-                    probe_pass.graph_invariants[b][l], probe_pass.target, eval_pass.graph_invariants[b][l], eval_pass.target
+                    probe_pass.graph_invariants[b][l],
+                    probe_pass.target,
+                    eval_pass.graph_invariants[b][l][scored],
+                    eval_pass.target[scored],
                 )
             rows.append(
                 {
@@ -126,7 +147,7 @@ def usage_rows(
                 "ablation_delta_mae_ev": delta,
                 "grad_x_input": float("nan"),
                 "probe_r2": float("nan"),
-                "verdict": verdict(delta, base, threshold),
+                "verdict": verdict(delta, all_blocks_mae, threshold),
             }
         )
     return rows

@@ -131,7 +131,7 @@ def summary_text(result: dict[str, Any]) -> str:
         f"{result['model_mae']:.4g} {unit}.",
         f"Zeroing one order after every block changes the MAE by: {effects}.",
         f"An order counts as unused when that change is below {result['threshold']:.0%} of the model's MAE "
-        f"({result['threshold_ev']:.3g} {unit}).",
+        f"on the same {result['ablation_molecules']} molecules ({result['threshold_ev']:.3g} {unit}).",
     ]
     if unused:
         parts.append(f"Unused orders: {unused}. Suggested pruned order list: {result['suggested_orders']} (order 0 is always kept).")
@@ -194,7 +194,8 @@ target on element counts, fitted on the run's training split) on the same molecu
 on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_input</b>: per atom, sum over copies of |&lt;dpred/dx, x&gt;|
 (rotation invariant). <b>norm_share</b>: share of the squared feature norm (atoms / pooled molecules). <b>probe_r2</b>: ridge probe
 of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
-<b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE.
+<b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE on the molecules it was
+measured on (all-blocks rows: the {result['ablation_molecules']} ablation molecules).
 The readout reads only l = 0, so zeroing l &gt; 0 at the last block has no effect by construction.</p>
 {_table(result['rows'], FIELDS)}
 {''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('usage.png', 'paths.png'))}

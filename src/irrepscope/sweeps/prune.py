@@ -47,10 +47,11 @@ def read_usage(run_dir: str | Path, analyze_if_missing: bool = True) -> dict[str
 
 
 def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
-    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE."""
+    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE there."""
     if not threshold >= 0:
         raise IrrepscopeError(f"--threshold must be >= 0, got {threshold}")
-    limit = threshold * usage["model_mae"]
+    # Like with like: the all-blocks ablation is measured on a subset, against the model's MAE on that subset.
+    limit = threshold * usage.get("ablation_model_mae", usage["model_mae"])
     return sorted(
         int(r["order"])
         for r in usage["rows"]
