@@ -248,3 +248,17 @@ def test_ema_with_higher_orders_saves_a_loadable_model(qm9, tmp_path):
     test = Trainer(config, tmp_path / "g", mols=qm9, progress=False).run_training()
     model, _, _ = model_from_checkpoint(tmp_path / "g" / "checkpoints" / "best.pt")
     assert math.isfinite(test["mae_ev"]) and model.orders == [0, 3, 4]
+
+
+def test_report_says_first_when_the_model_does_not_beat_the_baseline():
+    from irrepscope.report.analysis import summary_text
+
+    result = {
+        "unit": "eV", "n_molecules": 40, "split": "test", "model_mae": 2.5, "baseline_mae": 0.9,
+        "mae_ratio_to_baseline": 2.5 / 0.9, "beats_baseline": False, "threshold": 0.01, "threshold_ev": 0.025,
+        "ablation_molecules": 40, "unused_orders": [], "suggested_orders": [0, 1], "orders": [0, 1],
+        "rows": [{"block": "all", "order": 1, "ablation_delta_mae_ev": 0.3}],
+    }  # fmt: skip
+    assert summary_text(result).startswith("This model is not clearly better than the composition baseline")
+    good = {**result, "model_mae": 0.1, "mae_ratio_to_baseline": 0.1 / 0.9, "beats_baseline": True}
+    assert summary_text(good).startswith("The model's MAE is 9.0x lower than the composition baseline's")
