@@ -13,7 +13,7 @@ from ase import Atoms
 from ase.io import write
 
 from helpers import run_cli as cli
-from irrepscope.analysis.runner import analyze_run
+from irrepscope.api import analyze_run
 from irrepscope.config import Config, config_from_dict, load_config
 from irrepscope.data.composition import ELEMENTS, element_counts, fit_composition
 from irrepscope.data.split import load_split

@@ -1,3 +1,19 @@
-"""irrepscope: train equivariant graph networks on QM9 and measure which orders they use."""
+"""irrepscope: train equivariant graph networks on QM9 and measure which orders they use.
+
+The public Python API (see the README's "Python API"): :func:`load_run`, :func:`analyze`,
+:func:`analyze_run`, :func:`analyze_model` and :class:`AnalysedModel`, the interface a
+model family implements to be analysed. Imported lazily: ``import irrepscope`` stays cheap
+for the CLI.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_run", "analyze_sweep", "load_run"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from irrepscope import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'irrepscope' has no attribute {name!r}")

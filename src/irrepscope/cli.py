@@ -144,7 +144,8 @@ def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: 
     report, and the command exits with status 2 after writing it.
     """
     from irrepscope.report.sweep import write_sweep_report
-    from irrepscope.sweeps.runner import analyze_sweep, run_sweep
+    from irrepscope.api import analyze_sweep
+    from irrepscope.sweeps.runner import run_sweep
     from irrepscope.sweeps.spec import load_sweep
 
     spec = load_sweep(sweep_file)
@@ -175,7 +176,12 @@ def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None
 
     if least_used and threshold is not None:
         raise IrrepscopeError("--least-used and --threshold exclude each other")
+    from irrepscope.api import analyze_run
+    from irrepscope.sweeps.prune import usage_path
+
     original = RunDir.at(run_dir).require()
+    if not usage_path(run_dir).is_file():
+        analyze_run(run_dir, embedding="pca", progress=not quiet)
     usage = read_usage(run_dir)
     if threshold is not None:
         usage["unused_orders"] = unused_at(usage, threshold)
@@ -193,9 +199,7 @@ def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None
         return
     out_dir = Path(out) if out else Path(str(Path(run_dir).resolve()) + "-pruned")
     train_run(config, out_dir, progress=not quiet)
-    from irrepscope.analysis.runner import analyze_run
-
-    analyze_run(out_dir, embedding="pca")
+    analyze_run(out_dir, embedding="pca", progress=not quiet)
     comp = write_comparison(run_dir, out_dir)
     click.echo(comparison_markdown(comp), nl=False)
     click.echo(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
@@ -243,7 +247,7 @@ def analyze(
     quiet: bool,
 ) -> None:
     """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html)."""
-    from irrepscope.analysis.runner import analyze_run
+    from irrepscope.api import analyze_run
 
     for name, value in (("--map-molecules", map_molecules), ("--probe-molecules", probe_molecules), ("--batch-size", batch_size)):
         if value <= 0:

@@ -1,33 +1,23 @@
-"""``irrepscope analyze``: the analysis stages, each with a progress bar, and the files they write.
+"""The analysis stages, each with a progress bar: :func:`analyze_model` on any analysed model.
 
-RUN_DIR/analysis/usage.csv    one row per (block, order) and one ``all`` row per order
-RUN_DIR/analysis/usage.json   orders, unused_orders, suggested_orders, threshold, MAE,
-                              rows, path weights, map scores, stage timings; also
-                              ablation_model_mae (the model's MAE on the all-blocks
-                              ablation's subset, which threshold_ev and the verdicts use)
-                              and probe_scored_molecules (the held-out molecules the
-                              probes are scored on)
-RUN_DIR/analysis/*.png        usage heat maps, path-weight heat maps, latent maps
-RUN_DIR/analysis/report.html  self-contained report (images embedded)
+It computes and returns; writing files (usage.csv, usage.json, the report) is the report
+layer's (:func:`irrepscope.report.analysis.write_analysis`), and
+:func:`irrepscope.api.analyze_run` does both for a run directory.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from irrepscope.analysis import complexity, latent, usage
-from irrepscope.analysis.features import SplitPass, all_blocks_ablation, collect, order_removed_models
-from irrepscope.atomic import atomic_write_json, atomic_write_text
-from irrepscope.data.batching import iterate_batches
+from irrepscope.analysis.features import SplitPass, collect
+from irrepscope.analysis.interface import AnalysedModel
+from irrepscope.analysis.own_model import as_analysed
 from irrepscope.data.composition import fit_composition
 from irrepscope.data.qm9 import PROPERTIES, Molecules
 from irrepscope.errors import IrrepscopeError
@@ -86,7 +76,7 @@ def probe_fit_indices(eval_indices: np.ndarray, train_indices: np.ndarray, size:
 
 
 def analyze_model(
-    model: EquivariantGraphConv,
+    model: AnalysedModel | EquivariantGraphConv,
     mols: Molecules,
     eval_indices: np.ndarray,
     train_indices: np.ndarray,
@@ -111,6 +101,7 @@ def analyze_model(
     molecules. The all-blocks verdicts use the model's MAE on the all-blocks ablation's
     subset (``ablation_model_mae``), the molecules their deltas were measured on.
     """
+    model = as_analysed(model, graph, cutoff)
     orders = check_orders(orders, model.orders)
     if len(eval_indices) == 0:
         raise IrrepscopeError("the split to analyse is empty (check --max-molecules)")
@@ -118,26 +109,19 @@ def analyze_model(
         raise IrrepscopeError(f"unknown embedding {embedding!r}; choose one of {latent.EMBEDDINGS}")
     bar = _bar(progress)
     timings: dict[str, float] = {}
-    common = dict(target=target, graph=graph, cutoff=cutoff, orders=orders, batch_size=batch_size)
+    common = dict(target=target, orders=orders, batch_size=batch_size)
 
     t = time.perf_counter()
     ev: SplitPass = collect(model, mols, eval_indices, gradients=True, progress=bar, desc="features+gradients", **common)
     timings["features_gradients"] = time.perf_counter() - t
-    if target in mols.properties:
-        ev.target = mols.properties[target][eval_indices]  # float64, not the batch's model dtype
 
     # Zeroing an order after every block cannot be read off one gradient: re-run per order.
     t = time.perf_counter()
     abl_pos = _subset(len(eval_indices), ablation_molecules, seed)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
     ablated = {l: [] for l in orders}
-    removed = order_removed_models(model, orders)
-    batches = iterate_batches(
-        mols, eval_indices[abl_pos], batch_size, shuffle=False, target=None, graph=graph, cutoff=cutoff, dtype=dtype
-    )
+    batches = model.batches(mols, eval_indices[abl_pos], batch_size)
     for batch in bar(batches, math.ceil(len(abl_pos) / batch_size), "all-blocks ablation"):
-        for l, p in all_blocks_ablation(model, batch.to(device), orders, removed).items():
+        for l, p in model.all_blocks_ablation(batch, orders).items():
             ablated[l].append(p.double().cpu().numpy())
     # The deltas are measured on this subset, so the verdict compares them with the MAE on it.
     ablation_mae = usage.mae(ev.prediction[abl_pos], ev.target[abl_pos])
@@ -153,7 +137,7 @@ def analyze_model(
     )
     probe_scored = len(usage.held_out_positions(eval_indices, probe_idx)) if probe is not None else 0
     rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold, all_blocks_mae=ablation_mae)
-    paths = usage.path_weight_rms(model, ev)
+    paths = model.path_weight_rms(ev.path_moment, ev.num_edges)
     timings["probe_usage"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -200,7 +184,8 @@ def analyze_model(
         "probe_rule": "ridge probe fit on probe_molecules molecules of the training split, R^2 on the "
         "probe_scored_molecules analysed molecules it was not fit on (with --split train: the rest of the analysed ones)",
         "ablation_molecules": int(len(abl_pos)),
-        "num_blocks": len(model.blocks),
+        "num_blocks": model.num_blocks,
+        "family": model.family,
         "rows": rows,
         "paths": paths,
         "maps": {name: {**m["scores"], "n": int(len(map_pos))} for name, m in maps.items()},
@@ -215,103 +200,3 @@ def analyze_model(
             },
         },
     }
-
-
-def usage_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=usage.FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON for other tools)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def analyze_run(
-    run_dir: str | Path,
-    split: str = "test",
-    max_molecules: int | None = None,
-    embedding: str = "phate",
-    orders: list[int] | None = None,
-    map_molecules: int | None = MAP_MOLECULES,
-    probe_molecules: int | None = PROBE_MOLECULES,
-    ablation_molecules: int | None = ABLATION_MOLECULES,
-    checkpoint: str = "best",
-    device: str = "cpu",
-    batch_size: int = 256,
-    seed: int = 0,
-    threshold: float = usage.THRESHOLD,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Analyse a run on its own saved split and write ``RUN_DIR/analysis/``; returns usage.json's content."""
-    from irrepscope.data.qm9 import load_qm9
-    from irrepscope.data.split import load_split
-    from irrepscope.report.analysis import write_analysis_report
-    from irrepscope.training.evaluate import model_from_checkpoint, resolve_device
-    from irrepscope.training.runs import RunDir
-
-    if split not in SPLITS:
-        raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if max_molecules is not None and max_molecules < 0:
-        raise IrrepscopeError(f"--max-molecules must be >= 0, got {max_molecules}")
-    run = RunDir.at(run_dir).require()
-    model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint), resolve_device(device))
-    check_orders(orders, model.orders)  # fail before loading data
-    if not run.split.is_file():
-        raise IrrepscopeError(f"{run.root} has no split.json; the analysis needs the run's own split")
-    splits = load_split(run.split)
-    indices = np.asarray(splits[split], dtype=np.int64)
-    if max_molecules is not None:
-        # A seeded random subset: QM9 is ordered by size, so the first N of a split are its smallest molecules.
-        indices = indices[_subset(len(indices), max_molecules, seed)]
-    if len(indices) == 0:
-        raise IrrepscopeError(f"the {split} split of {run.root} is empty (after --max-molecules)")
-    mols = load_qm9(config.data.cache_dir, progress=False)
-    t0 = time.perf_counter()
-    with torch.inference_mode(False):
-        result = analyze_model(
-            model,
-            mols,
-            indices,
-            np.asarray(splits["train"], dtype=np.int64),
-            target=config.data.target,
-            graph=config.data.graph,
-            cutoff=config.model.cutoff,
-            orders=orders,
-            embedding=embedding,
-            map_molecules=map_molecules,
-            probe_molecules=probe_molecules,
-            ablation_molecules=ablation_molecules,
-            batch_size=batch_size,
-            seed=seed,
-            threshold=threshold,
-            progress=progress,
-        )
-    result = {"run": str(run.root), "split": split, "checkpoint": checkpoint, **result}
-    out = run.root / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "usage.csv", usage_csv(result["rows"]))
-    t = time.perf_counter()
-    test = None
-    if run.test.is_file():
-        import json
-
-        test = json.loads(run.test.read_text())
-    write_analysis_report(out, result, config.to_yaml(), test, progress=progress)
-    result["timings_s"]["report"] = time.perf_counter() - t
-    result["timings_s"]["total"] = time.perf_counter() - t0
-    public = _json_safe({k: v for k, v in result.items() if not k.startswith("_")})
-    atomic_write_json(out / "usage.json", public)
-    return public

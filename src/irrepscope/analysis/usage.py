@@ -33,8 +33,6 @@ import numpy as np
 
 from irrepscope.analysis.features import SplitPass
 from irrepscope.errors import IrrepscopeError
-from irrepscope.model.fast_tp import split_radial_mlp
-from irrepscope.model.network import EquivariantGraphConv
 
 # An order is unused when zeroing it in every block raises the MAE by less than 1 % of
 # the model's MAE (a change the size of run-to-run noise; a negative change, i.e. the
@@ -151,35 +149,6 @@ def usage_rows(
             }
         )
     return rows
-
-
-def path_weight_rms(model: EquivariantGraphConv, eval_pass: SplitPass) -> list[dict[str, Any]]:
-    """RMS over the evaluated edges of each path's per-edge weights, from the radial hidden layer's moments.
-
-    ``w_e = h_e @ L``, so ``mean_e w_ej^2 = L_j^T (sum_e h_e h_e^T) L_j / E``: exact, and the
-    ``[E, weight_numel]`` weight tensor is never built.
-    """
-    if not eval_pass.path_moment or eval_pass.num_edges == 0:
-        return []
-    out = []
-    for b, (block, moment) in enumerate(zip(model.blocks, eval_pass.path_moment)):
-        _, last = split_radial_mlp(block.fc, block.fc.layer0.weight.new_zeros(1, block.fc.layer0.weight.shape[0]))
-        last = last.detach().double().cpu().numpy()  # [K, weight_numel]
-        mean_sq = ((moment @ last) * last).sum(0) / eval_pass.num_edges
-        start = 0
-        for ins in block.tp.instructions:
-            n = int(np.prod(ins.path_shape))
-            out.append(
-                {
-                    "block": b + 1,
-                    "l_in": block.tp.irreps_in1[ins.i_in1].ir.l,
-                    "l_edge": block.tp.irreps_in2[ins.i_in2].ir.l,
-                    "l_out": block.tp.irreps_out[ins.i_out].ir.l,
-                    "rms": float(np.sqrt(max(mean_sq[start : start + n].mean(), 0.0))),
-                }
-            )
-            start += n
-    return out
 
 
 def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
+from irrepscope.analysis.usage import FIELDS  # noqa: E402
+from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 
 MEASURES = [
@@ -150,8 +153,6 @@ def write_analysis_report(
     out: Path, result: dict[str, Any], config_yaml: str, test_metrics: dict[str, Any] | None, progress: bool = False
 ) -> list[Path]:
     """Write the PNGs and report.html into ``out``; returns the paths written."""
-    from irrepscope.analysis.usage import FIELDS
-
     images: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
     images.append(("usage.png", "Usage measures per block and order", figure_png(usage_figure(result), dpi=100)))
     pfig = paths_figure(result)
@@ -213,3 +214,52 @@ regression of the target inside the 2-D map (5-fold CV); trustworthiness: sklear
 """
     written.append(atomic_write_text(out / "report.html", doc))
     return written
+
+
+def usage_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON for other tools)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_analysis(
+    out: Path,
+    result: dict[str, Any],
+    config_yaml: str,
+    test_metrics: dict[str, Any] | None,
+    progress: bool = False,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Write usage.csv, the PNGs, report.html and (last) usage.json into ``out``; returns usage.json's content.
+
+    usage.json goes last: ``prune`` and sweeps take its presence to mean a finished analysis.
+    ``started``: ``time.perf_counter()`` when the analysis began, for the ``total`` timing.
+    """
+    import time
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "usage.csv", usage_csv(result["rows"]))
+    t = time.perf_counter()
+    write_analysis_report(out, result, config_yaml, test_metrics, progress=progress)
+    result["timings_s"]["report"] = time.perf_counter() - t
+    if started is not None:
+        result["timings_s"]["total"] = time.perf_counter() - started
+    public = _json_safe({k: v for k, v in result.items() if not k.startswith("_")})
+    atomic_write_json(out / "usage.json", public)
+    return public

@@ -28,15 +28,15 @@ def pruned_orders(orders: list[int], unused: list[int]) -> list[int]:
     return validate_orders([l for l in orders if l == 0 or l not in set(unused)])
 
 
-def read_usage(run_dir: str | Path, analyze_if_missing: bool = True) -> dict[str, Any]:
-    """The run's ``analysis/usage.json``, running the analysis first if it is missing."""
-    path = Path(run_dir) / "analysis" / "usage.json"
-    if not path.is_file():
-        if not analyze_if_missing:
-            raise IrrepscopeError(f"{run_dir} has no analysis/usage.json; run `irrepscope analyze {run_dir}` first")
-        from irrepscope.analysis.runner import analyze_run
+def usage_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "analysis" / "usage.json"
 
-        analyze_run(run_dir, embedding="pca")
+
+def read_usage(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``analysis/usage.json`` (``irrepscope prune`` runs the analysis first when it is missing)."""
+    path = usage_path(run_dir)
+    if not path.is_file():
+        raise IrrepscopeError(f"{run_dir} has no analysis/usage.json; run `irrepscope analyze {run_dir}` first")
     try:
         usage = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -88,6 +88,7 @@ def comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
             "params": test["params"],
             "test_mae_ev": test["mae_ev"],
             "test_rmse_ev": test["rmse_ev"],
+            "baseline_mae_ev": test.get("baseline_mae_ev"),
             "unused_orders": usage["unused_orders"],
         }
     out["params_ratio"] = out["pruned"]["params"] / out["original"]["params"]
@@ -98,12 +99,14 @@ def comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
 def comparison_markdown(comp: dict[str, Any]) -> str:
     o, p = comp["original"], comp["pruned"]
     lines = [
-        "| run | orders | params | test MAE (eV) | test RMSE (eV) | unused orders |",
-        "|---|---|---|---|---|---|",
+        "| run | orders | params | test MAE (eV) | composition baseline MAE (eV) | test RMSE (eV) | unused orders |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, r in (("original", o), ("pruned", p)):
+        base = "n/a" if r.get("baseline_mae_ev") is None else f"{r['baseline_mae_ev']:.4f}"
         lines.append(
-            f"| {label} | {r['orders']} | {r['params']:,} | {r['test_mae_ev']:.4f} | {r['test_rmse_ev']:.4f} | {r['unused_orders']} |"
+            f"| {label} | {r['orders']} | {r['params']:,} | {r['test_mae_ev']:.4f} | {base} | {r['test_rmse_ev']:.4f} "
+            f"| {r['unused_orders']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -264,20 +264,3 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1, progress: boo
                 bar.set_postfix_str(f"{relpath}: {outcome}")
     bar.close()
     return counts
-
-
-def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:
-    """Run ``irrepscope analyze`` (default settings, test split) on every finished run without ``analysis/usage.json``.
-
-    Resumable like the training: an analysed run is skipped. Returns how many runs were analysed now.
-    """
-    from irrepscope.analysis.runner import analyze_run
-
-    out = Path(out_dir)
-    todo = [
-        s for s in sweep.runs
-        if run_state(out / s.relpath, s.config.train.epochs) == "finished" and not (out / s.relpath / "analysis" / "usage.json").is_file()
-    ]  # fmt: skip
-    for spec in tqdm(todo, desc=f"analyse {sweep.name}", unit="run", disable=not progress):
-        analyze_run(out / spec.relpath, progress=False)
-    return len(todo)

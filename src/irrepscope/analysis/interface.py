@@ -1,0 +1,116 @@
+"""What the order-usage analysis needs from a trained model, said once: :class:`AnalysedModel`.
+
+A model family implements it: irrepscope's own model is
+:class:`irrepscope.analysis.own_model.OwnModel`. The analysis (``features``, ``usage``,
+``runner``) talks to nothing else, so it works for any equivariant network whose
+interaction blocks put out e3nn irreps:
+
+* the blocks in order, with the irreps of each block's output node features;
+* the molecules as batches the model evaluates (:meth:`AnalysedModel.batches`);
+* a forward pass that returns one prediction per molecule and lets a hook keep or
+  replace each block's output (:meth:`AnalysedModel.forward`): that one hook serves
+  gradients, embeddings and ablations alike.
+
+Exact shortcuts that only some families allow are methods with a generic default:
+:meth:`AnalysedModel.all_blocks_ablation` re-runs the model once per order, a family
+may compute it faster; ``linear_in_features`` says that the prediction is affine in
+every block's output, so that zeroing an order after one block changes it by exactly
+``-<dpred/dx, x>`` (one backward pass for every (block, order) at once).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from e3nn import o3
+
+from irrepscope.data.qm9 import Molecules
+from irrepscope.orders import order_slices
+
+NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ModelBatch:
+    """Molecules as the analysis sees them, plus whatever the family's forward pass takes."""
+
+    num_graphs: int
+    atom_graph: torch.Tensor  # long [N]: the molecule (0..num_graphs-1) of each atom
+    atomic_numbers: torch.Tensor  # long [N]
+    num_edges: int
+    inputs: Any  # the family's own batch object
+
+
+class AnalysedModel(ABC):
+    """A trained model as the analysis uses it (see the module docstring)."""
+
+    family: str = "model"
+    linear_in_features: bool = False
+
+    @property
+    @abstractmethod
+    def block_irreps(self) -> list[o3.Irreps]:
+        """Irreps of each interaction block's output node features, in order."""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_irreps)
+
+    @property
+    def orders(self) -> list[int]:
+        """Every order that some block puts out."""
+        return sorted({ir.l for irreps in self.block_irreps for _, ir in irreps})
+
+    @property
+    @abstractmethod
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The model's parameters (the analysis turns their gradients off while it runs)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parameters[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parameters[0].device
+
+    @abstractmethod
+    def batches(self, mols: Molecules, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
+        """``mols[indices]`` in that order, as batches on the model's device."""
+
+    @abstractmethod
+    def forward(self, batch: ModelBatch, hook: NodeHook | None = None) -> torch.Tensor:
+        """Predictions [G] in the target's unit; ``hook(i, x)`` sees block ``i``'s output and returns what the rest uses."""
+
+    def zero_order(self, block: int, x: torch.Tensor, l: int) -> torch.Tensor:
+        """``x`` (block ``block``'s output) with the columns of order ``l`` set to zero (a copy)."""
+        out = x.clone()
+        out[:, order_slices(self.block_irreps[block])[l]] = 0
+        return out
+
+    def ablation(self, batch: ModelBatch, block: int | None, l: int) -> torch.Tensor:
+        """Predictions with order ``l`` zeroed after block ``block`` (``None``: after every block), by re-running."""
+
+        def hook(i: int, x: torch.Tensor) -> torch.Tensor:
+            has_l = any(ir.l == l for _, ir in self.block_irreps[i])
+            return self.zero_order(i, x, l) if has_l and (block is None or i == block) else x
+
+        with torch.no_grad():
+            return self.forward(batch, hook)
+
+    def all_blocks_ablation(self, batch: ModelBatch, orders: list[int]) -> dict[int, torch.Tensor]:
+        """Predictions with each order zeroed after every block (generic: one re-run per order)."""
+        return {l: self.ablation(batch, None, l) for l in orders}
+
+    def path_moments(self, batch: ModelBatch) -> list[np.ndarray] | None:
+        """Per block, whatever :meth:`path_weight_rms` sums over edges; None when the family has no such measure."""
+        return None
+
+    def path_weight_rms(self, moments: list[np.ndarray], num_edges: int) -> list[dict[str, Any]]:
+        """RMS of each tensor-product path's per-edge weights (rows with block, l_in, l_edge, l_out, rms); [] if none."""
+        return []

@@ -1,0 +1,186 @@
+"""The public Python API: what a notebook user imports.
+
+.. code-block:: python
+
+    import irrepscope as irs
+
+    run = irs.load_run("runs/demo")                 # model, config, split, QM9
+    result = irs.analyze(run, max_molecules=500)    # order usage on the run's own test split
+    result["unused_orders"], result["rows"][:3]
+
+    irs.analyze_run("runs/demo")                    # the same, writing RUN_DIR/analysis/ (what the CLI does)
+
+:func:`analyze` also takes any :class:`~irrepscope.analysis.interface.AnalysedModel`
+(another family of equivariant network) with the molecules to evaluate it on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from irrepscope.analysis import usage
+from irrepscope.analysis.interface import AnalysedModel
+from irrepscope.analysis.own_model import OwnModel
+from irrepscope.analysis.runner import (
+    ABLATION_MOLECULES,
+    MAP_MOLECULES,
+    PROBE_MOLECULES,
+    SPLITS,
+    _subset,
+    analyze_model,
+    check_orders,
+)
+from irrepscope.config import Config
+from irrepscope.data.qm9 import Molecules, load_qm9
+from irrepscope.data.split import load_split
+from irrepscope.errors import IrrepscopeError
+from irrepscope.model.network import EquivariantGraphConv
+from irrepscope.training.evaluate import model_from_checkpoint, resolve_device
+from irrepscope.sweeps.runner import run_state
+from irrepscope.sweeps.spec import Sweep
+from irrepscope.training.runs import RunDir
+
+
+@dataclass
+class Run:
+    """A trained run loaded for analysis: its model (evaluation mode), config, saved split and the QM9 data."""
+
+    root: Path
+    model: EquivariantGraphConv
+    config: Config
+    split: dict[str, np.ndarray]
+    mols: Molecules
+    checkpoint: str = "best"
+
+    def analysed(self) -> OwnModel:
+        """The model behind the analysis interface, on graphs built as it was trained."""
+        return OwnModel(self.model, self.config.data.graph, self.config.model.cutoff)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu", mols: Molecules | None = None) -> Run:
+    """Load a run directory's checkpoint, config and split (and QM9, unless ``mols`` is given)."""
+    run = RunDir.at(run_dir).require()
+    model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint), resolve_device(device))
+    if not run.split.is_file():
+        raise IrrepscopeError(f"{run.root} has no split.json; the analysis needs the run's own split")
+    split = {k: np.asarray(v, dtype=np.int64) for k, v in load_split(run.split).items()}
+    if mols is None:
+        mols = load_qm9(config.data.cache_dir, progress=False)
+    return Run(run.root, model, config, split, mols, checkpoint)
+
+
+def analyze(
+    run: Run,
+    split: str = "test",
+    max_molecules: int | None = None,
+    *,
+    orders: list[int] | None = None,
+    embedding: str = "phate",
+    map_molecules: int | None = MAP_MOLECULES,
+    probe_molecules: int | None = PROBE_MOLECULES,
+    ablation_molecules: int | None = ABLATION_MOLECULES,
+    batch_size: int = 256,
+    seed: int = 0,
+    threshold: float = usage.THRESHOLD,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Order usage of a loaded run on one of its own saved splits (a seeded subset with ``max_molecules``).
+
+    Returns usage.json's content plus the map arrays under ``_maps``; writes nothing.
+    """
+    if split not in SPLITS:
+        raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if max_molecules is not None and max_molecules < 0:
+        raise IrrepscopeError(f"--max-molecules must be >= 0, got {max_molecules}")
+    indices = run.split[split]
+    if max_molecules is not None:
+        # A seeded random subset: QM9 is ordered by size, so the first N of a split are its smallest molecules.
+        indices = indices[_subset(len(indices), max_molecules, seed)]
+    if len(indices) == 0:
+        raise IrrepscopeError(f"the {split} split of {run.root} is empty (after --max-molecules)")
+    with torch.inference_mode(False):
+        result = analyze_model(
+            run.analysed(),
+            run.mols,
+            indices,
+            run.split["train"],
+            target=run.config.data.target,
+            orders=orders,
+            embedding=embedding,
+            map_molecules=map_molecules,
+            probe_molecules=probe_molecules,
+            ablation_molecules=ablation_molecules,
+            batch_size=batch_size,
+            seed=seed,
+            threshold=threshold,
+            progress=progress,
+        )
+    return {"run": str(run.root), "split": split, "checkpoint": run.checkpoint, **result}
+
+
+def analyze_run(
+    run_dir: str | Path,
+    split: str = "test",
+    max_molecules: int | None = None,
+    embedding: str = "phate",
+    orders: list[int] | None = None,
+    map_molecules: int | None = MAP_MOLECULES,
+    probe_molecules: int | None = PROBE_MOLECULES,
+    ablation_molecules: int | None = ABLATION_MOLECULES,
+    checkpoint: str = "best",
+    device: str = "cpu",
+    batch_size: int = 256,
+    seed: int = 0,
+    threshold: float = usage.THRESHOLD,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Analyse a run on its own saved split and write ``RUN_DIR/analysis/``; returns usage.json's content."""
+    from irrepscope.report.analysis import write_analysis
+
+    if split not in SPLITS:
+        raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
+    t0 = time.perf_counter()
+    run = load_run(run_dir, checkpoint, device)
+    check_orders(orders, run.model.orders)
+    result = analyze(
+        run,
+        split,
+        max_molecules,
+        orders=orders,
+        embedding=embedding,
+        map_molecules=map_molecules,
+        probe_molecules=probe_molecules,
+        ablation_molecules=ablation_molecules,
+        batch_size=batch_size,
+        seed=seed,
+        threshold=threshold,
+        progress=progress,
+    )
+    test = json.loads(RunDir.at(run.root).test.read_text()) if RunDir.at(run.root).test.is_file() else None
+    return write_analysis(run.root / "analysis", result, run.config.to_yaml(), test, progress=progress, started=t0)
+
+
+def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:
+    """Run ``irrepscope analyze`` (default settings, test split) on every finished run without ``analysis/usage.json``.
+
+    Resumable like the training: an analysed run is skipped. Returns how many runs were analysed now.
+    """
+    out = Path(out_dir)
+    todo = [
+        s for s in sweep.runs
+        if run_state(out / s.relpath, s.config.train.epochs) == "finished" and not (out / s.relpath / "analysis" / "usage.json").is_file()
+    ]  # fmt: skip
+    for spec in tqdm(todo, desc=f"analyse {sweep.name}", unit="run", disable=not progress):
+        analyze_run(out / spec.relpath, progress=False)
+    return len(todo)
+
+
+__all__ = ["AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_run", "analyze_sweep", "load_run"]
