@@ -19,7 +19,8 @@ Measures (one row per block and order, plus one ``block = "all"`` row per order)
 * ``verdict``: ``unused`` when the ablation effect is below ``THRESHOLD`` x the model's
   MAE *on the molecules the effect was measured on* (the whole evaluated split for the
   per-block rows, the all-blocks ablation's subset for the ``all`` rows), else ``used``;
-  the ``all`` row's verdict decides the order's fate.
+  the ``all`` row's verdict decides the order's fate; ``absent`` where a block puts out no
+  such order (its measures are NaN).
 
 Path weights: for every tensor-product path (l_in x l_edge -> l_out), the RMS of the
 per-edge weights the radial MLP produces over the evaluated edges.
@@ -113,6 +114,10 @@ def usage_rows(
         node_tot = eval_pass.node_sq_total[b]
         graph_tot = eval_pass.graph_sq_total[b]
         for j, l in enumerate(eval_pass.orders):
+            if eval_pass.graph_invariants[b][l].shape[1] == 0:
+                # This block puts out no order l (e.g. a NequIP last layer of scalars only).
+                rows.append({"block": b + 1, "order": l, **{k: float("nan") for k in FIELDS[2:-1]}, "verdict": "absent"})
+                continue
             delta = mae(eval_pass.ablation_prediction[b, j], eval_pass.target) - base
             r2 = float("nan")
             if probing:

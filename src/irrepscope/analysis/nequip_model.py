@@ -1,0 +1,208 @@
+"""Trained NequIP models (``nequip`` 0.19, optional extra ``irrepscope[nequip]``) behind the analysis interface.
+
+The blocks are NequIP's interaction layers ``layer{i}_convnet`` (convolution, then a
+gate), found by name: a packaged model (``.nequip.zip``) lives in its own copy of the
+nequip and e3nn classes, so ``isinstance`` checks fail on it. A forward hook on each
+layer reads (and may replace) its output ``node_features``. NequIP's gates make the
+model nonlinear in its features, so every ablation re-runs it (no linear shortcut).
+Per-type scale and shift and an optional pair potential act after the readout; no
+feature ablation removes them.
+
+Handled pitfalls (each tested): loading a ``.ckpt`` needs
+``nequip.utils.global_state.set_global_state()``, which sets torch's default dtype to
+float64 and reseeds every RNG: everything it touches is restored afterwards; loaded
+models come back in train mode; a force-trained model (``do_derivatives``) fails under
+``no_grad``, so derivatives are turned off (energies only); features are float32 in a
+float32 model while energies are float64; compiled models (``.nequip.pth``, ``.pt2``)
+have no submodules to hook and are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.data import chemical_symbols
+from e3nn import o3
+
+from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook
+from irrepscope.data.qm9 import Molecules
+from irrepscope.errors import IrrepscopeError
+
+NODE_FEATURES = "node_features"
+TOTAL_ENERGY = "total_energy"
+FORMATS = (".ckpt", ".nequip.zip")
+INSTALL = "pip install 'irrepscope[nequip]'"
+_ENV_KEYS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "PYTORCH_JIT_USE_NNC_NOT_NVFUSER")
+
+
+def require_nequip() -> None:
+    """A one-line error when the optional ``nequip`` package is missing."""
+    try:
+        import nequip  # noqa: F401
+    except ImportError:
+        raise IrrepscopeError(f"analysing NequIP models needs the nequip package: {INSTALL}") from None
+
+
+@contextlib.contextmanager
+def preserved_global_state() -> Iterator[None]:
+    """Restore everything ``set_global_state()`` changes: default dtype, RNGs, env, e3nn and torch settings."""
+    import e3nn
+
+    dtype = torch.get_default_dtype()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    np_rng, py_rng = np.random.get_state(), random.getstate()
+    env = {k: os.environ.get(k) for k in _ENV_KEYS}
+    e3nn_opts = e3nn.get_optimization_defaults()
+    sharing = torch.multiprocessing.get_sharing_strategy()
+    dyn = torch._dynamo.config
+    dyn_flags = (dyn.capture_dynamic_output_shape_ops, dyn.capture_scalar_outputs)
+    with warnings.catch_warnings():  # torch deprecates the call nequip still makes; we only read and restore
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fusion = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])
+        torch.jit.set_fusion_strategy(fusion)  # set_* returns the previous strategy: put it back
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        e3nn.set_optimization_defaults(**e3nn_opts)
+        torch.multiprocessing.set_sharing_strategy(sharing)
+        dyn.capture_dynamic_output_shape_ops, dyn.capture_scalar_outputs = dyn_flags
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.set_fusion_strategy(fusion)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def load_nequip(path: str | Path) -> torch.nn.Module:
+    """A NequIP model from a training checkpoint (``.ckpt``) or a package (``.nequip.zip``), in eval mode, energies only."""
+    path = Path(path)
+    name = path.name
+    if name.endswith((".nequip.pth", ".pt2", ".pth")):
+        raise IrrepscopeError(
+            f"{path} is a compiled NequIP model, which cannot be hooked; give the {' or '.join(FORMATS)} it was made from"
+        )
+    if not name.endswith(FORMATS):
+        raise IrrepscopeError(f"{path}: not a NequIP model file; expected one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise IrrepscopeError(f"NequIP model not found: {path}")
+    require_nequip()
+    with preserved_global_state():
+        from nequip.model.saved_models.load_utils import load_saved_model
+        from nequip.utils.global_state import set_global_state
+
+        set_global_state()  # rebuilding a model from a .ckpt asserts it
+        try:
+            model = load_saved_model(str(path))
+        except Exception as exc:  # nequip raises many kinds for a file it cannot read
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IrrepscopeError(f"cannot load NequIP model {path}: {first}") from None
+    model = model.to("cpu").eval()
+    for module in model.modules():  # force-trained models: energies only, so that no_grad works
+        if isinstance(getattr(module, "do_derivatives", None), bool):
+            module.do_derivatives = False
+    return model
+
+
+def convnet_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The interaction layers ``...layer{i}_convnet``, in order, found by name."""
+    layers = [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1].startswith("layer")
+              and name.endswith("_convnet")]  # fmt: skip
+    if not layers:
+        raise IrrepscopeError("the NequIP model has no layer{i}_convnet modules to analyse")
+    return sorted(layers, key=lambda kv: int(kv[0].rsplit("layer", 1)[-1].split("_")[0]))
+
+
+class NequIPModel(AnalysedModel):
+    """A trained NequIP model: blocks are its convolution layers, predictions its total energies (eV)."""
+
+    family = "nequip"
+    linear_in_features = False  # gates
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.layers = convnet_layers(model)
+        self.type_names = str(model.metadata["type_names"]).split(" ")
+        self.r_max = float(model.metadata["r_max"])
+        self._z_to_type = {chemical_symbols.index(t): i for i, t in enumerate(self.type_names) if t in chemical_symbols}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NequIPModel":
+        return cls(load_nequip(path))
+
+    @property
+    def block_irreps(self) -> list[o3.Irreps]:
+        # A packaged model's irreps are its own e3nn's class: convert through the string.
+        return [o3.Irreps(str(layer.irreps_out[NODE_FEATURES])) for _, layer in self.layers]
+
+    @property
+    def block_names(self) -> list[str]:
+        return [name for name, _ in self.layers]
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def batches(self, mols: Molecules, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
+        for start in range(0, len(indices), batch_size):
+            chunk = [mols.molecule(int(i)) for i in indices[start : start + batch_size]]
+            yield self.batch_from_structures(chunk)
+
+    def batch_from_structures(self, structures: list[tuple[np.ndarray, np.ndarray]]) -> ModelBatch:
+        """(atomic numbers, positions in Å) per molecule -> a batch of NequIP's AtomicDataDict (radius graph, r_max)."""
+        from nequip.data import AtomicDataDict, compute_neighborlist_
+
+        frames = []
+        for z, pos in structures:
+            missing = sorted({int(a) for a in z} - set(self._z_to_type))
+            if missing:
+                raise IrrepscopeError(f"elements {missing} are not among the NequIP model's types {self.type_names}")
+            d = {
+                AtomicDataDict.POSITIONS_KEY: torch.as_tensor(np.asarray(pos), dtype=torch.float64).reshape(-1, 3),
+                AtomicDataDict.ATOM_TYPE_KEY: torch.as_tensor([self._z_to_type[int(a)] for a in z], dtype=torch.long),
+                AtomicDataDict.PBC_KEY: torch.zeros((1, 3), dtype=torch.bool),  # the neighbour list wants it
+            }
+            frames.append(AtomicDataDict.with_batch_(compute_neighborlist_(d, self.r_max)))
+        data = AtomicDataDict.batched_from_list(frames)
+        z = torch.as_tensor(np.concatenate([np.asarray(s[0]) for s in structures]), dtype=torch.long)
+        return ModelBatch(len(structures), data["batch"], z, int(data["edge_index"].shape[1]), data)
+
+    def forward(self, batch: ModelBatch, hook: NodeHook | None = None) -> torch.Tensor:
+        handles = []
+        if hook is not None:
+            for i, (_, layer) in enumerate(self.layers):
+
+                def replace(module, inputs, out, i=i):
+                    x = out[NODE_FEATURES]
+                    y = hook(i, x)
+                    if y is x:
+                        return None
+                    new = dict(out)
+                    new[NODE_FEATURES] = y
+                    return new  # a forward hook's return value replaces the layer's output
+
+                handles.append(layer.register_forward_hook(replace))
+        try:
+            out = self.model(dict(batch.inputs))  # the model copies what it reads: the batch is not changed
+        finally:
+            for h in handles:
+                h.remove()
+        return out[TOTAL_ENERGY].reshape(-1)
