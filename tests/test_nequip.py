@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("nequip")
 
+from helpers import run_cli  # noqa: E402
 from irrepscope.analysis.features import collect  # noqa: E402
 from irrepscope.analysis.nequip_model import NODE_FEATURES, NequIPModel, load_nequip  # noqa: E402
 from irrepscope.analysis.runner import analyze_model  # noqa: E402
-from irrepscope.data.export import export_split  # noqa: E402
-from irrepscope.data.split import random_split  # noqa: E402
+from irrepscope.data.split import load_split  # noqa: E402
 from irrepscope.errors import IrrepscopeError  # noqa: E402
 from irrepscope.orders import order_slices  # noqa: E402
 
@@ -24,15 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def split(qm9):
-    return random_split(len(qm9), (0.8, 0.1, 0.1), seed=0, limit=300)
+def irrepscope_run(tmp_path_factory):
+    """A (barely trained) irrepscope run: its saved split and target are what NequIP trains and is analysed on."""
+    run = tmp_path_factory.mktemp("ours") / "run"
+    args = ["train", str(ROOT / "configs" / "quick" / "tiny.yaml"), "--out", str(run), "--quiet",
+            "--set", "data.limit=300", "--set", "train.epochs=1", "--set", "train.max_train_batches=1"]  # fmt: skip
+    assert run_cli(*args) == 0
+    return run
 
 
 @pytest.fixture(scope="module")
-def checkpoint(qm9, split, tmp_path_factory):
-    """nequip-train on 240 exported QM9 molecules, 3 epochs, l_max 2, 3 layers of 8 features."""
+def split(irrepscope_run):
+    return load_split(irrepscope_run / "split.json")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(irrepscope_run, tmp_path_factory):
+    """`irrepscope export` of the run's split, then nequip-train: 3 epochs, l_max 2, 3 layers of 8 features."""
     tmp = tmp_path_factory.mktemp("nequip")
-    export_split(qm9, split, tmp / "data", "U0_atomization")
+    assert run_cli("export", str(irrepscope_run), "--out", str(tmp / "data")) == 0
     train = shutil.which("nequip-train") or str(Path(sys.executable).parent / "nequip-train")
     cmd = [
         train, "-cp", str(ROOT / "configs" / "nequip"), "-cn", "qm9_energy", f"data_dir={tmp / 'data'}",
@@ -41,6 +51,37 @@ def checkpoint(qm9, split, tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run" / "best.ckpt"
+
+
+def test_export_writes_the_runs_split(irrepscope_run, split, checkpoint, qm9):
+    import ase.io
+
+    data = checkpoint.parent.parent / "data"
+    for name in ("train", "val", "test"):
+        frames = ase.io.read(data / f"{name}.extxyz", index=":")
+        assert [f.info["qm9_index"] for f in frames] == split[name].tolist()
+        assert frames[0].get_potential_energy() == pytest.approx(qm9.properties["U0_atomization"][split[name][0]])
+
+
+def test_cli_analyses_a_nequip_model_on_a_runs_split(checkpoint, irrepscope_run, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    code = run_cli("analyze", str(checkpoint), "--molecules", str(irrepscope_run), "--out", str(out), "--quiet",
+                   "--embedding", "pca", "--map-molecules", "30", "--probe-molecules", "100", "--ablation-molecules", "30")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    usage = __import__("json").loads((out / "usage.json").read_text())
+    assert usage["family"] == "nequip" and usage["n_molecules"] == 30 and usage["molecules"] == str(irrepscope_run)
+    assert (out / "report.html").is_file() and (out / "usage.csv").is_file()
+    assert "composition baseline" in capsys.readouterr().out
+
+
+def test_cli_nequip_errors(checkpoint, tmp_path, capsys):
+    assert run_cli("analyze", str(checkpoint)) == 2
+    assert "--molecules" in capsys.readouterr().err
+    compiled = tmp_path / "m.nequip.pt2"
+    compiled.write_bytes(b"x")
+    assert run_cli("analyze", str(compiled), "--molecules", str(tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and ".ckpt" in err and "\n" not in err
 
 
 def test_loading_leaves_the_callers_state_alone(checkpoint):
@@ -117,3 +158,17 @@ def test_compiled_or_unknown_formats_are_refused(tmp_path, name):
     path.write_bytes(b"not hookable")
     with pytest.raises(IrrepscopeError, match=r"\.ckpt"):
         load_nequip(path)
+
+
+def test_a_packaged_model_gives_the_checkpoints_energies(checkpoint, qm9, split):
+    package = checkpoint.parent / "model.nequip.zip"
+    tool = shutil.which("nequip-package") or str(Path(sys.executable).parent / "nequip-package")
+    proc = subprocess.run([tool, "build", str(checkpoint), str(package)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt, zipped = NequIPModel.load(checkpoint), NequIPModel.load(package)
+    assert [str(i) for i in zipped.block_irreps] == [str(i) for i in ckpt.block_irreps]
+    batch = next(ckpt.batches(qm9, split["test"][:10], 10))
+    with torch.no_grad():
+        torch.testing.assert_close(zipped.forward(batch), ckpt.forward(batch))
+        torch.testing.assert_close(zipped.ablation(batch, 0, 2), ckpt.ablation(batch, 0, 2))

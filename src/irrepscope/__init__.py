@@ -8,7 +8,9 @@ for the CLI.
 
 __version__ = "0.1.0"
 
-__all__ = ["AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_run", "analyze_sweep", "load_run"]
+__all__ = [
+    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sweep", "load_run",
+]  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -77,6 +77,23 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
     return Run(run.root, model, config, split, mols, checkpoint)
 
 
+def split_indices(
+    splits: dict[str, np.ndarray], split: str, max_molecules: int | None, seed: int, where: str | Path
+) -> np.ndarray:
+    """The molecules of one saved split, or a seeded random subset of ``max_molecules`` of them."""
+    if split not in SPLITS:
+        raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if max_molecules is not None and max_molecules < 0:
+        raise IrrepscopeError(f"--max-molecules must be >= 0, got {max_molecules}")
+    indices = np.asarray(splits[split], dtype=np.int64)
+    if max_molecules is not None:
+        # A seeded random subset: QM9 is ordered by size, so the first N of a split are its smallest molecules.
+        indices = indices[_subset(len(indices), max_molecules, seed)]
+    if len(indices) == 0:
+        raise IrrepscopeError(f"the {split} split of {where} is empty (after --max-molecules)")
+    return indices
+
+
 def analyze(
     run: Run,
     split: str = "test",
@@ -96,16 +113,7 @@ def analyze(
 
     Returns usage.json's content plus the map arrays under ``_maps``; writes nothing.
     """
-    if split not in SPLITS:
-        raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if max_molecules is not None and max_molecules < 0:
-        raise IrrepscopeError(f"--max-molecules must be >= 0, got {max_molecules}")
-    indices = run.split[split]
-    if max_molecules is not None:
-        # A seeded random subset: QM9 is ordered by size, so the first N of a split are its smallest molecules.
-        indices = indices[_subset(len(indices), max_molecules, seed)]
-    if len(indices) == 0:
-        raise IrrepscopeError(f"the {split} split of {run.root} is empty (after --max-molecules)")
+    indices = split_indices(run.split, split, max_molecules, seed, run.root)
     with torch.inference_mode(False):
         result = analyze_model(
             run.analysed(),
@@ -168,6 +176,50 @@ def analyze_run(
     return write_analysis(run.root / "analysis", result, run.config.to_yaml(), test, progress=progress, started=t0)
 
 
+def analyze_nequip(
+    model_path: str | Path,
+    molecules: str | Path,
+    split: str = "test",
+    max_molecules: int | None = None,
+    out: str | Path | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Analyse a trained NequIP model (``.ckpt`` or ``.nequip.zip``) on the QM9 molecules of a run's saved split.
+
+    ``molecules`` is an irrepscope run directory: its split (``irrepscope export`` wrote the
+    same molecules for ``nequip-train``) and its target, which must be the energy the
+    NequIP model was trained on (in eV). Writes ``out`` (default: ``analysis/`` beside the
+    model) like ``analyze_run``; ``options`` are :func:`analyze_model`'s.
+    """
+    from irrepscope.analysis.nequip_model import NequIPModel
+    from irrepscope.data.qm9 import PROPERTIES
+    from irrepscope.report.analysis import write_analysis
+
+    t0 = time.perf_counter()
+    model = NequIPModel.load(model_path)
+    run = RunDir.at(molecules).require()
+    config = run.load_config()
+    if PROPERTIES[config.data.target][0] != "eV":
+        raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
+    if not run.split.is_file():
+        raise IrrepscopeError(f"{run.root} has no split.json")
+    splits = load_split(run.split)
+    indices = split_indices(splits, split, max_molecules, seed, run.root)
+    mols = load_qm9(config.data.cache_dir, progress=False)
+    with torch.inference_mode(False):
+        result = analyze_model(
+            model, mols, indices, np.asarray(splits["train"], dtype=np.int64), target=config.data.target, seed=seed,
+            progress=progress, **options,
+        )  # fmt: skip
+    result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": str(run.root), **result}
+    out_dir = Path(out) if out is not None else Path(model_path).parent / "analysis"
+    text = f"NequIP model {model_path}\nlayers: {model.block_names}\nirreps: {[str(i) for i in model.block_irreps]}\n"
+    return write_analysis(out_dir, result, text, None, progress=progress, started=t0)
+
+
 def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:
     """Run ``irrepscope analyze`` (default settings, test split) on every finished run without ``analysis/usage.json``.
 
@@ -183,4 +235,6 @@ def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> i
     return len(todo)
 
 
-__all__ = ["AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_run", "analyze_sweep", "load_run"]
+__all__ = [
+    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sweep", "load_run",
+]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune``.
+"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune | export``.
 
 Bad input raises :class:`IrrepscopeError`; :func:`main` prints it as one line on stderr
 and exits with status 2.
@@ -218,7 +218,11 @@ def _order_list(value: str | None) -> list[int] | None:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=click.Path())
+@click.option("--molecules", type=click.Path(file_okay=False), default=None,
+              help="For a NequIP model (.ckpt/.nequip.zip): the irrepscope run whose saved split and target to use.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="For a NequIP model: where to write [default: analysis/ beside the model].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--max-molecules", type=int, default=None, callback=_count, help="Analyse a seeded random subset of N molecules of the split.")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
@@ -233,6 +237,8 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(
     run_dir: str,
+    molecules: str | None,
+    out: str | None,
     split: str,
     max_molecules: int | None,
     embedding: str,
@@ -246,14 +252,32 @@ def analyze(
     device: str,
     quiet: bool,
 ) -> None:
-    """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html)."""
-    from irrepscope.api import analyze_run
+    """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html).
+
+    RUN_DIR may also be a trained NequIP model (.ckpt or .nequip.zip) with --molecules RUN.
+    """
+    from irrepscope.api import analyze_nequip, analyze_run
 
     for name, value in (("--map-molecules", map_molecules), ("--probe-molecules", probe_molecules), ("--batch-size", batch_size)):
         if value <= 0:
             raise IrrepscopeError(f"{name} must be positive, got {value}")
     if ablation_molecules is not None and ablation_molecules <= 0:
         raise IrrepscopeError(f"--ablation-molecules must be positive, got {ablation_molecules}")
+    if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2")):
+        if molecules is None:
+            raise IrrepscopeError("analysing a NequIP model needs --molecules RUN_DIR (the run whose split and target to use)")
+        result = analyze_nequip(
+            run_dir, molecules, split, max_molecules, out, embedding=embedding, orders=_order_list(orders),
+            map_molecules=map_molecules, probe_molecules=probe_molecules, ablation_molecules=ablation_molecules,
+            threshold=threshold, batch_size=batch_size, progress=not quiet,
+        )  # fmt: skip
+        click.echo(
+            f"MAE {result['model_mae']:.4f} {result['unit']} (composition baseline {result['baseline_mae']:.4f}) on "
+            f"{result['n_molecules']} {split} molecules; unused orders {result['unused_orders']}"
+        )
+        return
+    if molecules is not None or out is not None:
+        raise IrrepscopeError("--molecules and --out are for NequIP models; a run is analysed into RUN_DIR/analysis/")
     result = analyze_run(
         run_dir,
         split=split,
@@ -274,6 +298,36 @@ def analyze(
         f"unused orders {result['unused_orders']}; suggested orders {result['suggested_orders']}"
     )
     click.echo(f"wrote {Path(run_dir) / 'analysis'} (usage.csv, usage.json, report.html)")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder for train/val/test.extxyz.")
+@click.option("--limit", type=int, default=None, callback=_count, help="Without RUN_DIR: a seeded subset of this many molecules.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Without RUN_DIR: the subset's and split's seed.")
+@click.option("--target", default="U0_atomization", show_default=True, help="Without RUN_DIR: the property written as energy.")
+def export(run_dir: str | None, out: str, limit: int | None, seed: int, target: str) -> None:
+    """Write QM9 molecules as extxyz (train/val/test): a run's own split, or a seeded subset, for other codes."""
+    from irrepscope.config import MAX_SEED, DataConfig
+    from irrepscope.data.export import export_split
+    from irrepscope.data.qm9 import load_qm9
+    from irrepscope.data.split import load_split, random_split
+    from irrepscope.training.runs import RunDir
+
+    if run_dir is not None:
+        run = RunDir.at(run_dir).require()
+        config = run.load_config()
+        split, target, cache = load_split(run.split), config.data.target, config.data.cache_dir
+    else:
+        DataConfig(target=target, limit=limit).validate()
+        if not 0 <= seed <= MAX_SEED:
+            raise IrrepscopeError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+        split, cache = None, None
+    mols = load_qm9(cache, progress=False)
+    if split is None:
+        split = random_split(len(mols), (0.8, 0.1, 0.1), seed=seed, limit=limit)
+    paths = export_split(mols, split, out, target)
+    click.echo(", ".join(f"{name}: {len(split[name])} molecules -> {path}" for name, path in paths.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
