@@ -31,6 +31,7 @@ RECIPES: dict[str, list[str]] = {
     "per_element+ema0.99": ["data.reference=per_element", *_OFF, "train.ema_decay=0.99"],
     "per_element+ema0.999": ["data.reference=per_element", *_OFF, "train.ema_decay=0.999"],
     "per_element+lr4e-3": ["data.reference=per_element", *_OFF, "train.lr=4.0e-3"],
+    "per_element+lr4e-3+ema0.99": ["data.reference=per_element", *_OFF, "train.lr=4.0e-3", "train.ema_decay=0.99"],
 }
 
 
