@@ -1,6 +1,29 @@
 """Helpers shared by the test modules."""
 
+import contextlib
+
+import torch
+
 from irrepscope.cli import main
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Build e3nn modules in ``dtype``: e3nn computes its Clebsch-Gordan constants in the default dtype,
+    so a float32-built product cast to float64 is only float32-accurate (and only that equivariant)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def assert_rel_close(actual, expected, tol, what=""):
+    """Largest absolute difference relative to the largest expected magnitude, below ``tol``."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err < tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 
 def run_cli(*args: str) -> int:

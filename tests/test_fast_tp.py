@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 from types import SimpleNamespace
 
@@ -11,6 +10,7 @@ import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet
 
+from helpers import assert_rel_close, default_dtype
 from irrepscope.config import ModelConfig
 from irrepscope.data.batching import collate
 from irrepscope.errors import IrrepscopeError
@@ -21,24 +21,6 @@ from irrepscope.orders import hidden_irreps, sh_irreps
 # Edges along the axes are where Euler angles degenerate (the pole is y).
 AXES = [[0, 1, 0], [0, -2.5, 0], [1, 0, 0], [-1.2, 0, 0], [0, 0, 1], [0, 0, -0.7], [1e-9, 1, 0], [0, -1, 1e-8], [1, 1, 1]]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    """Build e3nn modules in ``dtype``: e3nn computes its Clebsch-Gordan constants in the default dtype,
-    so a float32-built product cast to float64 is only float32-accurate (and only that equivariant)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def assert_rel_close(actual, expected, tol, what=""):
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = ((actual - expected).abs().max() / scale).item()
-    assert err < tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 
 def edge_vectors(n, dtype, seed=0):

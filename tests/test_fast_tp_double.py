@@ -8,13 +8,13 @@ weights, in float64.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet
 
+from helpers import assert_rel_close, default_dtype
 from irrepscope.config import ModelConfig
 from irrepscope.model.fast_tp import EdgeFrame, FastTensorProduct
 from irrepscope.model.network import build_model
@@ -22,23 +22,6 @@ from irrepscope.orders import hidden_irreps, sh_irreps
 
 TOL = 1e-10
 MOLECULES = [1, 7, 100, 2000, 50000, 130000]  # NH3 .. nine heavy atoms; 130 edges, 20 near the pole axis
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    """e3nn builds its Clebsch-Gordan constants in the default dtype: float64 for 1e-10 comparisons."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def assert_rel_close(actual, expected, tol, what=""):
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = ((actual - expected).abs().max() / scale).item()
-    assert err < tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from irrepscope.analysis import usage
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import OwnModel
-from irrepscope.analysis.runner import (
-    ABLATION_MOLECULES,
-    MAP_MOLECULES,
-    PROBE_MOLECULES,
-    SPLITS,
-    _subset,
-    analyze_model,
-    check_orders,
-)
+from irrepscope.analysis.runner import SPLITS, _subset, analyze_model, check_orders
 from irrepscope.config import Config
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split
@@ -95,41 +86,18 @@ def split_indices(
 
 
 def analyze(
-    run: Run,
-    split: str = "test",
-    max_molecules: int | None = None,
-    *,
-    orders: list[int] | None = None,
-    embedding: str = "phate",
-    map_molecules: int | None = MAP_MOLECULES,
-    probe_molecules: int | None = PROBE_MOLECULES,
-    ablation_molecules: int | None = ABLATION_MOLECULES,
-    batch_size: int = 256,
-    seed: int = 0,
-    threshold: float = usage.THRESHOLD,
-    progress: bool = True,
+    run: Run, split: str = "test", max_molecules: int | None = None, *, seed: int = 0, **options: Any
 ) -> dict[str, Any]:
     """Order usage of a loaded run on one of its own saved splits (a seeded subset with ``max_molecules``).
 
-    Returns usage.json's content plus the map arrays under ``_maps``; writes nothing.
+    ``options`` are :func:`analyze_model`'s (orders, embedding, map_molecules, probe_molecules,
+    ablation_molecules, batch_size, threshold, progress). Returns usage.json's content plus
+    the map arrays under ``_maps``; writes nothing.
     """
     indices = split_indices(run.split, split, max_molecules, seed, run.root)
     with torch.inference_mode(False):
         result = analyze_model(
-            run.analysed(),
-            run.mols,
-            indices,
-            run.split["train"],
-            target=run.config.data.target,
-            orders=orders,
-            embedding=embedding,
-            map_molecules=map_molecules,
-            probe_molecules=probe_molecules,
-            ablation_molecules=ablation_molecules,
-            batch_size=batch_size,
-            seed=seed,
-            threshold=threshold,
-            progress=progress,
+            run.analysed(), run.mols, indices, run.split["train"], target=run.config.data.target, seed=seed, **options
         )
     return {"run": str(run.root), "split": split, "checkpoint": run.checkpoint, **result}
 
@@ -138,42 +106,25 @@ def analyze_run(
     run_dir: str | Path,
     split: str = "test",
     max_molecules: int | None = None,
-    embedding: str = "phate",
-    orders: list[int] | None = None,
-    map_molecules: int | None = MAP_MOLECULES,
-    probe_molecules: int | None = PROBE_MOLECULES,
-    ablation_molecules: int | None = ABLATION_MOLECULES,
+    *,
     checkpoint: str = "best",
     device: str = "cpu",
-    batch_size: int = 256,
-    seed: int = 0,
-    threshold: float = usage.THRESHOLD,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Analyse a run on its own saved split and write ``RUN_DIR/analysis/``; returns usage.json's content."""
+    """Analyse a run on its own saved split and write ``RUN_DIR/analysis/``; returns usage.json's content.
+
+    ``options`` are :func:`analyze`'s.
+    """
     from irrepscope.report.analysis import write_analysis
 
-    if split not in SPLITS:
-        raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
     t0 = time.perf_counter()
     run = load_run(run_dir, checkpoint, device)
-    check_orders(orders, run.model.orders)
-    result = analyze(
-        run,
-        split,
-        max_molecules,
-        orders=orders,
-        embedding=embedding,
-        map_molecules=map_molecules,
-        probe_molecules=probe_molecules,
-        ablation_molecules=ablation_molecules,
-        batch_size=batch_size,
-        seed=seed,
-        threshold=threshold,
-        progress=progress,
-    )
+    check_orders(options.get("orders"), run.model.orders)
+    result = analyze(run, split, max_molecules, **options)
     test = json.loads(RunDir.at(run.root).test.read_text()) if RunDir.at(run.root).test.is_file() else None
-    return write_analysis(run.root / "analysis", result, run.config.to_yaml(), test, progress=progress, started=t0)
+    return write_analysis(
+        run.root / "analysis", result, run.config.to_yaml(), test, progress=options.get("progress", True), started=t0
+    )
 
 
 def analyze_nequip(
