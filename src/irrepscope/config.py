@@ -137,7 +137,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW's default
     schedule: str = "none"  # none | cosine | plateau (halve the lr when validation stalls)
     warmup_epochs: float = 0.0  # linear learning-rate warm-up over this many epochs
-    ema_decay: float | None = None  # exponential moving average of the weights (evaluated and saved)
+    # Exponential moving average of the weights (what is validated, saved and evaluated); null = off.
+    # 0.99 is the default for new configs: measured better than none on every seed (README "Training recipes").
+    ema_decay: float | None = 0.99
     plateau_patience: int = 2  # plateau: epochs without a new best validation MAE before lowering the lr
     plateau_factor: float = 0.5  # plateau: multiply the lr by this
     seed: int = 0  # fixes the split, the initial weights and the batch order
