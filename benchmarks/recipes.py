@@ -42,7 +42,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--only", default=None, help="comma-separated recipe names (default: all)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra section.key=value for every run")
+    ap.add_argument("--summary", action="store_true", help="train nothing: summarise the finished runs per recipe")
     args = ap.parse_args()
+    if args.summary:
+        summarize(Path(args.out))
+        return
     names = args.only.split(",") if args.only else list(RECIPES)
     mols = load_qm9(progress=False)
     rows = []
@@ -67,6 +71,30 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, seed, best, mae, base, secs in rows:
         print(f"| {name} | {seed} | {best:.1f} | {mae:.1f} | {base:.1f} | {base / mae:.2f} | {secs:.0f} |")
+
+
+def summarize(out: Path) -> None:
+    """Per recipe: test MAE mean ± sd over the finished seeds, beside the baseline, and the paired difference to per_element."""
+    import numpy as np
+
+    runs: dict[str, dict[int, tuple[float, float]]] = {}
+    for path in sorted(out.glob("*-seed*/test.json")):
+        name, seed = path.parent.name.rsplit("-seed", 1)
+        test = json.loads(path.read_text())
+        runs.setdefault(name, {})[int(seed)] = (1000 * test["mae_ev"], 1000 * test["baseline_mae_ev"])
+    print("| recipe | seeds | test MAE (meV) | composition baseline (meV) | vs per_element, paired (meV) | better in |")
+    print("|---|---|---|---|---|---|")
+    ref = runs.get("per_element", {})
+    for name in [n for n in RECIPES if n in runs]:
+        seeds = sorted(runs[name])
+        mae = np.array([runs[name][k][0] for k in seeds])
+        base = np.array([runs[name][k][1] for k in seeds])
+        common = [k for k in seeds if k in ref]
+        diff = np.array([runs[name][k][0] - ref[k][0] for k in common])
+        sd = lambda a: f" ± {a.std(ddof=1):.1f}" if len(a) > 1 else ""  # noqa: E731
+        paired = "" if name == "per_element" or not len(diff) else f"{diff.mean():+.1f}{sd(diff)}"
+        better = "" if name == "per_element" or not len(diff) else f"{int((diff < -1e-6).sum())}/{len(diff)}"
+        print(f"| {name} | {','.join(map(str, seeds))} | {mae.mean():.1f}{sd(mae)} | {base.mean():.1f}{sd(base)} | {paired} | {better} |")
 
 
 if __name__ == "__main__":
