@@ -92,8 +92,8 @@ def summarize(out: Path) -> None:
         common = [k for k in seeds if k in ref]
         diff = np.array([runs[name][k][0] - ref[k][0] for k in common])
         sd = lambda a: f" ± {a.std(ddof=1):.1f}" if len(a) > 1 else ""  # noqa: E731
-        paired = "" if name == "per_element" or not len(diff) else f"{diff.mean():+.1f}{sd(diff)}"
-        better = "" if name == "per_element" or not len(diff) else f"{int((diff < -1e-6).sum())}/{len(diff)}"
+        paired = "" if name == "per_element" or not len(diff) else f"{diff.mean() + 0.0:+.1f}{sd(diff)}"
+        better = "" if name == "per_element" or not len(diff) else f"{int((diff < -0.05).sum())}/{len(diff)}"
         print(f"| {name} | {','.join(map(str, seeds))} | {mae.mean():.1f}{sd(mae)} | {base.mean():.1f}{sd(base)} | {paired} | {better} |")
 
 
