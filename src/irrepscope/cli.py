@@ -258,11 +258,6 @@ def analyze(
     """
     from irrepscope.api import analyze_nequip, analyze_run
 
-    for name, value in (("--map-molecules", map_molecules), ("--probe-molecules", probe_molecules), ("--batch-size", batch_size)):
-        if value <= 0:
-            raise IrrepscopeError(f"{name} must be positive, got {value}")
-    if ablation_molecules is not None and ablation_molecules <= 0:
-        raise IrrepscopeError(f"--ablation-molecules must be positive, got {ablation_molecules}")
     if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2")):
         if molecules is None:
             raise IrrepscopeError("analysing a NequIP model needs --molecules RUN_DIR (the run whose split and target to use)")

@@ -18,7 +18,7 @@ from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
-from irrepscope.data.composition import fit_composition
+from irrepscope.data.composition import baseline_errors
 from irrepscope.data.qm9 import PROPERTIES, Molecules
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
@@ -152,8 +152,8 @@ def analyze_model(
     timings["maps"] = time.perf_counter() - t
 
     model_mae = usage.mae(ev.prediction, ev.target)
-    baseline = fit_composition(mols, train_indices, target).predict(mols, eval_indices)
-    baseline_mae = usage.mae(baseline, ev.target)
+    baseline = baseline_errors(mols, train_indices, eval_indices, target)
+    baseline_mae = baseline["baseline_mae_ev"]
     ratio = model_mae / baseline_mae if baseline_mae > 0 else math.nan
     unused, suggested = usage.decide_orders(model.orders, rows)
     return {
@@ -163,7 +163,7 @@ def analyze_model(
         "model_mae": model_mae,
         "model_rmse": float(np.sqrt(np.mean((ev.prediction - ev.target) ** 2))),
         "baseline_mae": baseline_mae,
-        "baseline_rmse": float(np.sqrt(np.mean((baseline - ev.target) ** 2))),
+        "baseline_rmse": baseline["baseline_rmse_ev"],
         "mae_ratio_to_baseline": ratio,
         "beats_baseline": bool(ratio <= usage.LEARNED_RATIO),
         "baseline_rule": f"composition baseline: least squares on element counts, training split only; "

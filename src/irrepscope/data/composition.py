@@ -93,6 +93,13 @@ class CompositionFit:
         }
 
 
+def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
+    """MAE and RMSE (target unit) on ``mols[indices]`` of the composition fit on ``mols[train_indices]``: the baseline."""
+    indices = np.asarray(indices, dtype=np.int64)
+    err = fit_composition(mols, train_indices, target).predict(mols, indices) - mols.properties[target][indices]
+    return {"baseline_mae_ev": float(np.mean(np.abs(err))), "baseline_rmse_ev": float(np.sqrt(np.mean(err**2)))}
+
+
 def fit_composition(mols: Molecules, train_indices: np.ndarray, target: str) -> CompositionFit:
     """Least-squares fit of ``target`` on element counts over ``mols[train_indices]`` (never other molecules)."""
     if target not in PROPERTIES:

@@ -75,10 +75,10 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
 def _baseline(run: RunDir, target: str) -> dict[str, float]:
     from irrepscope.data.qm9 import load_qm9
     from irrepscope.data.split import load_split
-    from irrepscope.training.evaluate import baseline_metrics
+    from irrepscope.data.composition import baseline_errors
 
     split = load_split(run.split)
-    return baseline_metrics(load_qm9(progress=False), split["train"], split["test"], target)
+    return baseline_errors(load_qm9(progress=False), split["train"], split["test"], target)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import torch
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import fit_composition
+from irrepscope.data.composition import baseline_errors
 from irrepscope.data.qm9 import PROPERTIES, Molecules, load_qm9
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
@@ -97,7 +97,7 @@ def evaluate_run(
     indices = splits[split]
     pred = predict(model, mols, indices, config)
     target = mols.properties[config.data.target][indices]
-    metrics = {**regression_metrics(pred, target), **baseline_metrics(mols, splits["train"], indices, config.data.target)}
+    metrics = {**regression_metrics(pred, target), **baseline_errors(mols, splits["train"], indices, config.data.target)}
     return {
         **metrics,
         "mae_ratio_to_baseline": baseline_ratio(metrics),
@@ -109,13 +109,6 @@ def evaluate_run(
         "epoch": int(state.get("epoch", 0)),
         "params": model.num_parameters(),
     }
-
-
-def baseline_metrics(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
-    """The composition baseline (least squares on element counts, training split only) on ``mols[indices]``."""
-    fit = fit_composition(mols, train_indices, target)
-    base = regression_metrics(fit.predict(mols, indices), mols.properties[target][indices])
-    return {"baseline_mae_ev": base["mae_ev"], "baseline_rmse_ev": base["rmse_ev"]}
 
 
 def baseline_ratio(metrics: dict[str, Any]) -> float | None:

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
 from irrepscope.config import Config, recipe_differences
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import fit_composition
+from irrepscope.data.composition import baseline_errors, fit_composition
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split, random_split, save_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_model
 from irrepscope.training.evaluate import evaluate_run, predict, regression_metrics, resolve_device, torch_dtype
-from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
 
 
@@ -188,10 +188,9 @@ class Trainer:
                 averaged, ema.n_averaged = progress.pop("ema")
                 ema.module.load_state_dict(averaged)
         split = load_split(self.run.split)
-        self._rows = rows = self.run.read_metrics()
+        rows = self.run.read_metrics()
         target = self.mols.properties[cfg.data.target]
-        baseline = fit_composition(self.mols, split["train"], cfg.data.target)
-        baseline_val = regression_metrics(baseline.predict(self.mols, split["val"]), target[split["val"]])
+        baseline_val = baseline_errors(self.mols, split["train"], split["val"], cfg.data.target)["baseline_mae_ev"]
         for epoch in range(progress["epoch"], cfg.train.epochs):
             t0 = time.perf_counter()
             train_loss, n_mol = self._train_epoch(model, opt, ema, split["train"], epoch, progress["plateau_scale"])
@@ -206,19 +205,19 @@ class Trainer:
                     "train_loss": f"{train_loss:.6g}",
                     "val_mae_mev": f"{1000 * val['mae_ev']:.3f}",
                     "val_rmse_mev": f"{1000 * val['rmse_ev']:.3f}",
-                    "val_baseline_mae_mev": f"{1000 * baseline_val['mae_ev']:.3f}",
+                    "val_baseline_mae_mev": f"{1000 * baseline_val:.3f}",
                     "lr": f"{opt.param_groups[0]['lr']:.3g}",
                     "epoch_seconds": f"{seconds:.2f}",
                     "molecules_per_s": f"{n_mol / seconds:.1f}",
                 }
             )
             if after_validation(progress, val["mae_ev"], done, cfg):
-                self._save(self.run.checkpoint("best"), model, ema, opt, done, progress)
-            self._save(self.run.checkpoint("last"), model, ema, opt, done, progress)
+                self._save(self.run.checkpoint("best"), model, ema, opt, progress, rows)
+            self._save(self.run.checkpoint("last"), model, ema, opt, progress, rows)
             self.run.write_metrics(rows)
             tqdm.write(
                 f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  "
-                f"val MAE {1000 * val['mae_ev']:.1f} meV (composition baseline {1000 * baseline_val['mae_ev']:.1f})  "
+                f"val MAE {1000 * val['mae_ev']:.1f} meV (composition baseline {1000 * baseline_val:.1f})  "
                 f"({n_mol / seconds:.0f} mol/s)"
             )
         test = evaluate_run(self.run.root, "test", device=str(self.device), mols=self.mols)
@@ -270,17 +269,17 @@ class Trainer:
         bar.close()
         return total / max(n_mol, 1), n_mol
 
-    def _save(self, path: Path, model, ema, opt, epoch: int, progress: dict[str, Any]) -> None:
+    def _save(self, path: Path, model, ema, opt, progress: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         # "model" holds the weights that are evaluated (the EMA when there is one): what
         # evaluate, predict and analyze load. The raw weights are kept for resuming.
         state = {
             "config": self.config.to_dict(),
             "model": (ema.module if ema is not None else model).state_dict(),
             "optimizer": opt.state_dict(),
-            "epoch": epoch,
+            "epoch": int(rows[-1]["epoch"]),
             **{k: progress[k] for k in ("best_val_mae", "best_epoch", "plateau_scale", "plateau_since")},
             "num_parameters": model.num_parameters(),
-            "metrics": [{k: str(v) for k, v in row.items()} for row in self._rows],
+            "metrics": [{k: str(v) for k, v in row.items()} for row in rows],  # the record travels with the weights
         }
         if ema is not None:
             state["train_model"] = model.state_dict()
