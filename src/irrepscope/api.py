@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import OwnModel
-from irrepscope.analysis.runner import SPLITS, _subset, analyze_model, check_orders
+from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
 from irrepscope.config import Config
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split
@@ -119,9 +119,9 @@ def analyze_run(
 
     t0 = time.perf_counter()
     run = load_run(run_dir, checkpoint, device)
-    check_orders(options.get("orders"), run.model.orders)
-    result = analyze(run, split, max_molecules, **options)
-    test = json.loads(RunDir.at(run.root).test.read_text()) if RunDir.at(run.root).test.is_file() else None
+    result = analyze(run, split, max_molecules, **options)  # analyze_model checks --orders against the model
+    test_json = RunDir.at(run.root).test
+    test = json.loads(test_json.read_text()) if test_json.is_file() else None
     return write_analysis(
         run.root / "analysis", result, run.config.to_yaml(), test, progress=options.get("progress", True), started=t0
     )

@@ -20,7 +20,6 @@ from irrepscope.sweeps.summary import (  # noqa: E402
     collect_results,
     collect_usage,
     comparison_markdown,
-    mean_pm_std,
     status_markdown,
     summarize,
     summary_markdown,
@@ -58,37 +57,29 @@ def write_sweep_report(sweep: Sweep, out_dir: str | Path) -> list[Path]:
     if summary:
         png = figure_png(error_bar_figure(summary), dpi=120)
         atomic_write(out / "summary.png", lambda f: f.write(png))
-    atomic_write_text(out / "summary.html", _html(sweep.name, summary, png, extra))
+    atomic_write_text(out / "summary.html", _html(sweep.name, markdown, png))
     return [out / "results.csv", out / "summary.md", out / "summary.html"]
 
 
-def _html(name: str, summary: list[dict[str, Any]], png: bytes, extra_markdown: str = "") -> str:
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            r["variant"], f"[{r['orders'].replace(' ', ',')}]", r["hidden_mul"], f"{r['params']:,}", r["seeds"],
-            mean_pm_std(r["mae_mean"], r["mae_std"]), mean_pm_std(r["baseline_mean"], r["baseline_std"]),
-            mean_pm_std(r["rmse_mean"], r["rmse_std"]), f"{r['train_seconds_mean']:.0f}",
-        )) + "</tr>"
-        for r in summary
-    )  # fmt: skip
+def _html(name: str, markdown: str, png: bytes) -> str:
+    """summary.md as a self-contained page, the error-bar plot after its first table."""
+    summary, _, rest = markdown.partition("\n\n## ")
+    rest = f"## {rest}" if rest else ""
     image = png_img_tag(png, "test MAE against parameters and time") if png else "<p>No finished runs yet.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Sweep {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
-<body><h1>Sweep {html.escape(name)}</h1>
-<p>Test error of each run on its own held-out split; mean &plusmn; sample standard deviation over seeds. Composition
-baseline: least squares of the target on element counts, fitted on each run's training split, on the same test molecules.</p>
-<table><tr><th>configuration</th><th>orders</th><th>H</th><th>params</th><th>seeds</th><th>test MAE (eV)</th>
-<th>composition baseline MAE (eV)</th><th>test RMSE (eV)</th><th>train time (s)</th></tr>{rows}</table>
+<body>
+{_markdown_tables_html(summary)}
 {image}
-{_markdown_tables_html(extra_markdown)}
+{_markdown_tables_html(rest)}
 </body></html>
 """
 
 
 def _markdown_tables_html(markdown: str) -> str:
-    """The few markdown constructs summary.md uses (## headings, paragraphs, pipe tables) as HTML."""
+    """The few markdown constructs summary.md uses (# and ## headings, paragraphs, pipe tables) as HTML."""
     out, table = [], []
     for line in markdown.splitlines() + [""]:
         if line.startswith("|"):
@@ -102,7 +93,9 @@ def _markdown_tables_html(markdown: str) -> str:
                 + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>"
             )
             table = []
-        if line.startswith("## "):
+        if line.startswith("# "):
+            out.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
             out.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.strip():
             out.append(f"<p>{html.escape(line)}</p>")
