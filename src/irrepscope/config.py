@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -156,19 +157,11 @@ class TrainConfig:
             raise IrrepscopeError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.schedule not in SCHEDULES:
             raise IrrepscopeError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, (int, float)) or not (
-            0 <= self.warmup_epochs < math.inf
-        ):
-            raise IrrepscopeError(f"train.warmup_epochs must be a number >= 0, got {self.warmup_epochs!r}")
-        if self.ema_decay is not None and (
-            isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1
-        ):
-            raise IrrepscopeError(f"train.ema_decay must be null or a number in (0, 1), got {self.ema_decay!r}")
+        _number_where(self, "warmup_epochs", lambda v: 0 <= v < math.inf, "a number >= 0")
+        if self.ema_decay is not None:
+            _number_where(self, "ema_decay", lambda v: 0 < v < 1, "null or a number in (0, 1)")
         _positive_int(self, "plateau_patience")
-        if isinstance(self.plateau_factor, bool) or not isinstance(self.plateau_factor, (int, float)) or not (
-            0 < self.plateau_factor < 1
-        ):
-            raise IrrepscopeError(f"train.plateau_factor must be a number in (0, 1), got {self.plateau_factor!r}")
+        _number_where(self, "plateau_factor", lambda v: 0 < v < 1, "a number in (0, 1)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise IrrepscopeError(f"train.seed must be an integer in [0, {MAX_SEED}], got {shorten(self.seed)}")
         if self.dtype not in ("float32", "float64"):
@@ -329,6 +322,14 @@ def _positive_int(obj: Any, *names: str) -> None:
         v = getattr(obj, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise IrrepscopeError(f"{section}.{name} must be a positive integer, got {v!r}")
+
+
+def _number_where(obj: Any, name: str, ok: Callable[[float], bool], what: str) -> None:
+    """A one-line error unless ``obj.name`` is a number (not a bool) for which ``ok`` holds (NaN never does)."""
+    section = type(obj).__name__.replace("Config", "").lower()
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+        raise IrrepscopeError(f"{section}.{name} must be {what}, got {shorten(v)}")
 
 
 def _positive_float(obj: Any, *names: str) -> None:
