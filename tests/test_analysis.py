@@ -387,3 +387,16 @@ def test_analyze_cli_missing_checkpoint(tiny_run, tmp_path, capsys):
     assert run_cli("analyze", str(run), "--quiet") == 2
     err = capsys.readouterr().err.strip()
     assert "checkpoint not found" in err and "\n" not in err
+
+
+def test_molecules_without_smiles_need_no_rdkit(monkeypatch):
+    """Geometry-only molecules (no SMILES) get NaN colours without importing RDKit (absent on some machines)."""
+    import math
+    import sys
+
+    from irrepscope.analysis import complexity
+
+    monkeypatch.setitem(sys.modules, "rdkit", None)  # any `import rdkit` now raises ImportError
+    assert all(math.isnan(v) for v in complexity.spatial_score("").values())
+    with pytest.raises(ImportError):
+        complexity.spatial_score("CCO")

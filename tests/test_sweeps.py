@@ -168,6 +168,20 @@ def test_paired_comparison_and_usage_table_on_known_numbers():
     assert u["unused_in"] == 1
 
 
+def test_training_times_of_different_devices_are_not_averaged_together():
+    from irrepscope.sweeps.summary import summarize, summary_markdown
+
+    def row(seed, device, secs):
+        return {"variant": "a", "orders": "0 1", "hidden_mul": 4, "params": 10, "seed": seed, "test_mae_ev": 0.1,
+                "test_rmse_ev": 0.2, "baseline_mae_ev": 0.9, "train_seconds": secs, "device": device}  # fmt: skip
+
+    one = summary_markdown("s", summarize([row(0, "cpu", 1600.0), row(1, "cpu", 1700.0)]))
+    assert "| 1650 |" in one
+    mixed = summary_markdown("s", summarize([row(0, "cpu", 1600.0), row(1, "cuda", 70.0), row(2, "cuda", 90.0)]))
+    assert "cpu: 1600 (1 run); cuda: 80 (2 runs)" in mixed
+    assert "| cuda: 80 (2 runs) |" in summary_markdown("s", summarize([row(1, "cuda", 70.0), row(2, "cuda", 90.0)]))
+
+
 def _one_config_sweep(tmp_path, seeds, extra_set=""):
     """A sweep of the tiny config over ``seeds``; ``extra_set`` adds lines to its ``set``."""
     path = tmp_path / "one.yaml"
@@ -292,6 +306,10 @@ def test_changed_sweep_settings_are_refused_for_existing_runs(tmp_path, capsys):
     assert run_cli("sweep", str(extended), "--out", out, "--quiet") == 0
     assert "1 resumed" in capsys.readouterr().out
     assert runner.run_state(Path(out) / relpath, 3) == "finished"
+    # --device places every run without editing the file; finished runs stay finished.
+    assert all(r.config.train.device == "auto" for r in load_sweep(extended, device="auto").runs)
+    assert run_cli("sweep", str(extended), "--out", out, "--device", "cpu", "--quiet") == 0
+    assert "1 finished before" in capsys.readouterr().out
 
 
 def test_failed_runs_are_recorded_and_the_others_trained(tmp_path, capsys):

@@ -182,7 +182,7 @@ def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> i
         if run_state(out / s.relpath, s.config.train.epochs) == "finished" and not (out / s.relpath / "analysis" / "usage.json").is_file()
     ]  # fmt: skip
     for spec in tqdm(todo, desc=f"analyse {sweep.name}", unit="run", disable=not progress):
-        analyze_run(out / spec.relpath, progress=False)
+        analyze_run(out / spec.relpath, device=spec.config.train.device, progress=False)  # where it trained
     return len(todo)
 
 

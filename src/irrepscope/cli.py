@@ -133,11 +133,12 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Sweep directory [default: runs/sweeps/NAME].")
 @click.option("--workers", default=1, show_default=True, help="Runs trained in parallel (processes).")
+@click.option("--device", default=None, help="Train every run on this device (cpu, cuda, cuda:1, auto) [default: the configs'].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
     "--analyze", is_flag=True, help="Also analyse every finished run that has no analysis yet (order usage per seed in the summary)."
 )
-def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: bool) -> None:
+def sweep(sweep_file: str, out: str | None, workers: int, device: str | None, quiet: bool, analyze: bool) -> None:
     """Run a grid of configurations x seeds; re-running skips finished runs, resumes interrupted ones and retries failed ones.
 
     A failing run (diverged, corrupt checkpoint) does not stop the others: it is listed in the
@@ -148,7 +149,7 @@ def sweep(sweep_file: str, out: str | None, workers: int, quiet: bool, analyze: 
     from irrepscope.sweeps.runner import run_sweep
     from irrepscope.sweeps.spec import load_sweep
 
-    spec = load_sweep(sweep_file)
+    spec = load_sweep(sweep_file, device=device)
     out_dir = Path(out or Path("runs") / "sweeps" / spec.name)
     counts = run_sweep(spec, out_dir, workers=workers, progress=not quiet)
     if analyze:

@@ -18,12 +18,14 @@ _TERMS = {"hybridisation": "hyb_score", "stereo": "stereo_score", "ring": "ring_
 
 
 def spatial_score(smiles: str) -> dict[str, float]:
-    """nSPS and its mean per-heavy-atom terms for one SMILES (NaN where RDKit fails)."""
+    """nSPS and its mean per-heavy-atom terms for one SMILES (NaN where RDKit fails or there is no SMILES)."""
+    nan = {k: float("nan") for k in COMPONENTS}
+    if not smiles:  # molecules read from geometry files carry no SMILES; RDKit is then not needed
+        return nan
     from rdkit import Chem, RDLogger
     from rdkit.Chem.SpacialScore import _SpacialScore
 
     RDLogger.DisableLog("rdApp.*")
-    nan = {k: float("nan") for k in COMPONENTS}
     try:
         mol = Chem.MolFromSmiles(smiles, sanitize=True)
         if mol is None:

@@ -67,8 +67,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "", text.replace(" ", ""))
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; every run's config is resolved and validated up front."""
+def load_sweep(path: str | Path, device: str | None = None) -> Sweep:
+    """Read and validate a sweep file; every run's config is resolved and validated up front.
+
+    ``device`` places every run (``train.device``) without editing the file: placement is
+    not part of a run's recipe, so runs started elsewhere are resumed and reported alike.
+    """
     path = Path(path)
     raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
@@ -123,6 +127,8 @@ def load_sweep(path: str | Path) -> Sweep:
                 )
             for seed in seeds:
                 overrides = [*common, *own, *point_overrides, f"train.seed={seed}"]
+                if device is not None:
+                    overrides.append(f"train.device={device}")
                 if config_file:
                     cfg_path = (path.parent / config_file).resolve()
                     if not cfg_path.is_file():

@@ -21,7 +21,7 @@ from irrepscope.sweeps.spec import Sweep
 from irrepscope.training.runs import RunDir
 
 RESULT_FIELDS = [
-    "config", "variant", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds",
+    "config", "variant", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds", "device",
     "reference", "test_mae_ev", "test_rmse_ev", "baseline_mae_ev", "mae_ratio_to_baseline", "n_test", "best_epoch", "run",
     "status", "error",
 ]  # fmt: skip
@@ -60,6 +60,7 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                 "params": test["params"],
                 "epochs": len(metrics),
                 "train_seconds": round(sum(float(r["epoch_seconds"]) for r in metrics), 1),
+                "device": run.load_config().train.device,  # as recorded: a resumed or moved run keeps its own
                 "reference": test.get("reference", "none"),
                 "test_mae_ev": test["mae_ev"],
                 "test_rmse_ev": test["rmse_ev"],
@@ -92,6 +93,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rmse = np.array([r["test_rmse_ev"] for r in items])
         secs = np.array([r["train_seconds"] for r in items])
         base = np.array([r["baseline_mae_ev"] for r in items])
+        by_device: dict[str, list[float]] = {}
+        for r in items:
+            by_device.setdefault(str(r.get("device", "cpu")), []).append(float(r["train_seconds"]))
         out.append(
             {
                 "variant": variant,
@@ -106,6 +110,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "rmse_mean": float(rmse.mean()),
                 "rmse_std": float(rmse.std(ddof=1)) if len(rmse) > 1 else math.nan,
                 "train_seconds_mean": float(secs.mean()),
+                "train_seconds_by_device": {d: (float(np.mean(v)), len(v)) for d, v in sorted(by_device.items())},
             }
         )
     return sorted(out, key=lambda r: r["mae_mean"])
@@ -134,9 +139,17 @@ def summary_markdown(name: str, summary: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['variant']} | [{r['orders'].replace(' ', ',')}] | {r['hidden_mul']} | {r['params']:,} | {r['seeds']} "
             f"| {mean_pm_std(r['mae_mean'], r['mae_std'])} | {mean_pm_std(r['baseline_mean'], r['baseline_std'])} "
-            f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])} | {r['train_seconds_mean']:.0f} |"
+            f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])} | {_train_time(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _train_time(row: dict[str, Any]) -> str:
+    """Mean training time, per device when the seeds of a configuration ran on different ones (times do not mix)."""
+    per = row.get("train_seconds_by_device") or {}
+    if len(per) == 0 or list(per) == ["cpu"]:
+        return f"{row['train_seconds_mean']:.0f}"
+    return "; ".join(f"{d}: {mean:.0f} ({n} run{'s' if n > 1 else ''})" for d, (mean, n) in per.items())
 
 
 def status_markdown(rows: list[dict[str, Any]]) -> str:
