@@ -172,3 +172,35 @@ def test_a_packaged_model_gives_the_checkpoints_energies(checkpoint, qm9, split)
     with torch.no_grad():
         torch.testing.assert_close(zipped.forward(batch), ckpt.forward(batch))
         torch.testing.assert_close(zipped.ablation(batch, 0, 2), ckpt.ablation(batch, 0, 2))
+
+
+def test_analysis_on_exported_files_equals_analysis_on_the_runs_split(checkpoint, irrepscope_run, tmp_path):
+    """--molecules test.extxyz --train-molecules train.extxyz: the same molecules give the same numbers as the run."""
+    from irrepscope.api import analyze_nequip
+
+    data = checkpoint.parent.parent / "data"
+    opts = dict(embedding="pca", map_molecules=30, probe_molecules=100, ablation_molecules=30, max_molecules=30, progress=False)
+    on_run = analyze_nequip(checkpoint, irrepscope_run, out=tmp_path / "run", **opts)
+    on_files = analyze_nequip(checkpoint, data / "test.extxyz", out=tmp_path / "files", train_molecules=data / "train.extxyz", **opts)
+    assert on_files["target"] == "energy" and on_files["unit"] == "eV" and on_files["split"] == "test.extxyz"
+    for key in ("model_mae", "baseline_mae", "n_molecules"):
+        assert on_files[key] == pytest.approx(on_run[key], rel=1e-6)
+    assert len(on_files["rows"]) == len(on_run["rows"])
+    for a, b in zip(on_files["rows"], on_run["rows"]):
+        assert (a["block"], a["order"], a["verdict"]) == (b["block"], b["order"], b["verdict"])
+        for key in ("ablation_delta_mae_ev", "norm_share_node", "probe_r2"):
+            if a.get(key) is not None and b.get(key) is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a, key)
+
+
+def test_structure_file_errors(checkpoint, irrepscope_run, tmp_path, capsys):
+    data = checkpoint.parent.parent / "data"
+    assert run_cli("analyze", str(checkpoint), "--molecules", str(data / "test.extxyz")) == 2
+    assert "--train-molecules" in capsys.readouterr().err
+    unlabelled = tmp_path / "nolabel.xyz"
+    unlabelled.write_text("2\n\nH 0 0 0\nH 0 0 0.74\n")
+    assert run_cli("analyze", str(checkpoint), "--molecules", str(unlabelled), "--train-molecules", str(data / "train.extxyz")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "'energy'" in err and "\n" not in err
+    assert run_cli("analyze", str(irrepscope_run), "--train-molecules", str(data / "train.extxyz")) == 2
+    assert "--train-molecules" in capsys.readouterr().err

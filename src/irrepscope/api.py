@@ -134,38 +134,55 @@ def analyze_nequip(
     max_molecules: int | None = None,
     out: str | Path | None = None,
     *,
+    train_molecules: str | Path | None = None,
+    energy_key: str = "energy",
     seed: int = 0,
     progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
-    """Analyse a trained NequIP model (``.ckpt`` or ``.nequip.zip``) on the QM9 molecules of a run's saved split.
+    """Analyse a trained NequIP model (``.ckpt`` or ``.nequip.zip``) on QM9 with a run's split, or on a structure file.
 
-    ``molecules`` is an irrepscope run directory: its split (``irrepscope export`` wrote the
-    same molecules for ``nequip-train``) and its target, which must be the energy the
-    NequIP model was trained on (in eV). Writes ``out`` (default: ``analysis/`` beside the
-    model) like ``analyze_run``; ``options`` are :func:`analyze_model`'s.
+    ``molecules`` is either an irrepscope run directory (its saved split, of which ``split``
+    is analysed, and its target, which must be the energy in eV the model was trained on;
+    ``irrepscope export`` writes the same molecules for ``nequip-train``) or a structure
+    file (extxyz, ...) whose frames carry the energy under ``energy_key``. A file needs
+    ``train_molecules``, the file the model was trained on: the composition baseline and
+    the probes are fitted on it, never on the analysed molecules. Writes ``out`` (default:
+    ``analysis/`` beside the model) like ``analyze_run``; ``options`` are
+    :func:`analyze_model`'s.
     """
     from irrepscope.analysis.nequip_model import NequIPModel
     from irrepscope.data.qm9 import PROPERTIES
+    from irrepscope.data.xyz import FILE_ENERGY, read_labelled
     from irrepscope.report.analysis import write_analysis
 
     t0 = time.perf_counter()
     model = NequIPModel.load(model_path)
-    run = RunDir.at(molecules).require()
-    config = run.load_config()
-    if PROPERTIES[config.data.target][0] != "eV":
-        raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
-    if not run.split.is_file():
-        raise IrrepscopeError(f"{run.root} has no split.json")
-    splits = load_split(run.split)
-    indices = split_indices(splits, split, max_molecules, seed, run.root)
-    mols = load_qm9(config.data.cache_dir, progress=False)
+    if Path(molecules).is_dir():
+        if train_molecules is not None:
+            raise IrrepscopeError("--train-molecules is for a structure file; a run brings its own training split")
+        run = RunDir.at(molecules).require()
+        config = run.load_config()
+        if PROPERTIES[config.data.target][0] != "eV":
+            raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
+        if not run.split.is_file():
+            raise IrrepscopeError(f"{run.root} has no split.json")
+        splits = load_split(run.split)
+        indices = split_indices(splits, split, max_molecules, seed, run.root)
+        train, target, source = np.asarray(splits["train"], dtype=np.int64), config.data.target, str(run.root)
+        mols = load_qm9(config.data.cache_dir, progress=False)
+    else:
+        if train_molecules is None:
+            raise IrrepscopeError(
+                f"analysing on the structure file {molecules} needs --train-molecules FILE (the molecules the model was "
+                "trained on: the composition baseline and the probes are fitted on them)"
+            )
+        mols, (train, evaluated) = read_labelled([train_molecules, molecules], energy_key)
+        indices = split_indices({"test": evaluated}, "test", max_molecules, seed, molecules)
+        split, target, source = Path(molecules).name, FILE_ENERGY, str(molecules)
     with torch.inference_mode(False):
-        result = analyze_model(
-            model, mols, indices, np.asarray(splits["train"], dtype=np.int64), target=config.data.target, seed=seed,
-            progress=progress, **options,
-        )  # fmt: skip
-    result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": str(run.root), **result}
+        result = analyze_model(model, mols, indices, train, target=target, seed=seed, progress=progress, **options)
+    result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": source, **result}
     out_dir = Path(out) if out is not None else Path(model_path).parent / "analysis"
     text = f"NequIP model {model_path}\nlayers: {model.block_names}\nirreps: {[str(i) for i in model.block_irreps]}\n"
     return write_analysis(out_dir, result, text, None, progress=progress, started=t0)

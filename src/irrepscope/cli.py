@@ -220,8 +220,12 @@ def _order_list(value: str | None) -> list[int] | None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--molecules", type=click.Path(file_okay=False), default=None,
-              help="For a NequIP model (.ckpt/.nequip.zip): the irrepscope run whose saved split and target to use.")
+@click.option("--molecules", type=click.Path(), default=None,
+              help="For a NequIP model (.ckpt/.nequip.zip): the irrepscope run whose saved split and target to use, "
+                   "or a structure file (extxyz) with energies.")
+@click.option("--train-molecules", type=click.Path(dir_okay=False), default=None,
+              help="With a structure file: the file the model was trained on (composition baseline and probes are fit on it).")
+@click.option("--energy-key", default="energy", show_default=True, help="With structure files: the frames' energy key (eV).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="For a NequIP model: where to write [default: analysis/ beside the model].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
@@ -239,6 +243,8 @@ def _order_list(value: str | None) -> list[int] | None:
 def analyze(
     run_dir: str,
     molecules: str | None,
+    train_molecules: str | None,
+    energy_key: str,
     out: str | None,
     split: str,
     max_molecules: int | None,
@@ -255,25 +261,32 @@ def analyze(
 ) -> None:
     """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html).
 
-    RUN_DIR may also be a trained NequIP model (.ckpt or .nequip.zip) with --molecules RUN.
+    RUN_DIR may also be a trained NequIP model (.ckpt or .nequip.zip) with --molecules RUN, or with
+    --molecules FILE.extxyz --train-molecules TRAIN.extxyz.
     """
     from irrepscope.api import analyze_nequip, analyze_run
 
     if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2")):
         if molecules is None:
-            raise IrrepscopeError("analysing a NequIP model needs --molecules RUN_DIR (the run whose split and target to use)")
+            raise IrrepscopeError(
+                "analysing a NequIP model needs --molecules RUN_DIR (the run whose split and target to use) "
+                "or --molecules FILE.extxyz --train-molecules TRAIN.extxyz"
+            )
         result = analyze_nequip(
-            run_dir, molecules, split, max_molecules, out, embedding=embedding, orders=_order_list(orders),
+            run_dir, molecules, split, max_molecules, out, train_molecules=train_molecules, energy_key=energy_key,
+            embedding=embedding, orders=_order_list(orders),
             map_molecules=map_molecules, probe_molecules=probe_molecules, ablation_molecules=ablation_molecules,
             threshold=threshold, batch_size=batch_size, progress=not quiet,
         )  # fmt: skip
         click.echo(
             f"MAE {result['model_mae']:.4f} {result['unit']} (composition baseline {result['baseline_mae']:.4f}) on "
-            f"{result['n_molecules']} {split} molecules; unused orders {result['unused_orders']}"
+            f"{result['n_molecules']} {result['split']} molecules; unused orders {result['unused_orders']}"
         )
         return
-    if molecules is not None or out is not None:
-        raise IrrepscopeError("--molecules and --out are for NequIP models; a run is analysed into RUN_DIR/analysis/")
+    if molecules is not None or out is not None or train_molecules is not None:
+        raise IrrepscopeError(
+            "--molecules, --train-molecules and --out are for NequIP models; a run is analysed into RUN_DIR/analysis/"
+        )
     result = analyze_run(
         run_dir,
         split=split,

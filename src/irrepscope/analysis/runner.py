@@ -18,8 +18,8 @@ from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
-from irrepscope.data.composition import baseline_errors
-from irrepscope.data.qm9 import PROPERTIES, Molecules
+from irrepscope.data.composition import baseline_errors, unit_of
+from irrepscope.data.qm9 import Molecules
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
 
@@ -158,7 +158,7 @@ def analyze_model(
     unused, suggested = usage.decide_orders(model.orders, rows)
     return {
         "target": target,
-        "unit": PROPERTIES[target][0] if target in PROPERTIES else "",
+        "unit": unit_of(target),
         "n_molecules": int(len(eval_indices)),
         "model_mae": model_mae,
         "model_rmse": float(np.sqrt(np.mean((ev.prediction - ev.target) ** 2))),

@@ -22,6 +22,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from irrepscope.data.qm9 import PROPERTIES, Molecules
+from irrepscope.data.xyz import FILE_ENERGY
 from irrepscope.errors import IrrepscopeError
 
 # QM9's elements: H, C, N, O, F.
@@ -29,8 +30,17 @@ ELEMENTS: tuple[int, ...] = (1, 6, 7, 8, 9)
 
 # Targets that are (approximately) sums of per-atom contributions.
 EXTENSIVE_TARGETS = frozenset(
-    {"U0_atomization", "U_atomization", "H_atomization", "G_atomization", "U0", "zpve", "cv", "polarizability"}
+    {"U0_atomization", "U_atomization", "H_atomization", "G_atomization", "U0", "zpve", "cv", "polarizability", FILE_ENERGY}
 )
+
+
+def unit_of(target: str) -> str:
+    """The unit of a QM9 property, or eV for a structure file's energies (NequIP's convention)."""
+    if target == FILE_ENERGY:
+        return "eV"
+    if target not in PROPERTIES:
+        raise IrrepscopeError(f"unknown target {target!r}")
+    return PROPERTIES[target][0]
 
 
 def is_extensive(target: str) -> bool:
@@ -63,7 +73,7 @@ class CompositionFit:
 
     @property
     def unit(self) -> str:
-        return PROPERTIES[self.target][0]
+        return unit_of(self.target)
 
     def predict_counts(self, counts: np.ndarray) -> np.ndarray:
         coef = np.array([self.per_element.get(z, 0.0) for z in ELEMENTS])
@@ -102,8 +112,7 @@ def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndar
 
 def fit_composition(mols: Molecules, train_indices: np.ndarray, target: str) -> CompositionFit:
     """Least-squares fit of ``target`` on element counts over ``mols[train_indices]`` (never other molecules)."""
-    if target not in PROPERTIES:
-        raise IrrepscopeError(f"unknown target {target!r}")
+    unit_of(target)  # an unknown target is an error
     train_indices = np.asarray(train_indices, dtype=np.int64)
     if len(train_indices) == 0:
         raise IrrepscopeError("cannot fit the composition baseline on an empty training split")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase.data import chemical_symbols
 
-from irrepscope.errors import IrrepscopeError
+from irrepscope.data.qm9 import Molecules
+from irrepscope.errors import IrrepscopeError, shorten
 
 
-def read_structures(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every frame of ``path`` as ``(z int64 [n], pos float64 [n, 3] in Å)``."""
+def _read_frames(path: str | os.PathLike) -> list:
+    """Every frame of ``path`` as ASE Atoms, with one-line errors for what ASE cannot read."""
     import ase.io  # heavy import, only needed here
 
     path = Path(path)
@@ -28,14 +31,69 @@ def read_structures(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarra
         raise IrrepscopeError(f"cannot read structure file {path}: {message}") from None
     if not frames:
         raise IrrepscopeError(f"structure file {path} holds no molecules")
-    structures = []
     for k, atoms in enumerate(frames):
         if len(atoms) == 0:
             raise IrrepscopeError(f"{path}: frame {k} has no atoms")
-        z, pos = atoms.get_atomic_numbers().astype(np.int64), atoms.get_positions().astype(np.float64)
-        check_geometry(pos, f"{path}, molecule {k}")
-        structures.append((z, pos))
-    return structures
+        check_geometry(atoms.get_positions(), f"{path}, molecule {k}")
+    return frames
+
+
+def read_structures(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every frame of ``path`` as ``(z int64 [n], pos float64 [n, 3] in Å)``."""
+    return [(a.get_atomic_numbers().astype(np.int64), a.get_positions().astype(np.float64)) for a in _read_frames(path)]
+
+
+# The property under which read_labelled stores a file's energies (eV, NequIP's convention).
+FILE_ENERGY = "energy"
+
+
+def _energy(atoms: Any, key: str, where: str) -> float:
+    if key in atoms.info:
+        value = atoms.info[key]
+    elif atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
+        value = atoms.calc.results[key]  # extxyz's `energy=` becomes the frame's calculator energy
+    else:
+        raise IrrepscopeError(f"{where} has no {key!r} (give the file's energy key with --energy-key)")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise IrrepscopeError(f"{where}: {key!r} is not a number: {shorten(value)}") from None
+    if not np.isfinite(value):
+        raise IrrepscopeError(f"{where}: {key!r} is {value}")
+    return value
+
+
+def read_labelled(paths: Sequence[str | os.PathLike], energy_key: str = "energy") -> tuple[Molecules, list[np.ndarray]]:
+    """The frames of every file in ``paths`` as one :class:`Molecules` (energies under :data:`FILE_ENERGY`), and
+    each file's molecule indices in it.
+
+    Geometry files carry no bonds, SMILES or charges: those fields are empty or zero. A
+    frame's ``qm9_index`` (written by ``irrepscope export``) is kept, else -1.
+    """
+    z_all, pos_all, ptr, energies, qm9, owners = [], [], [0], [], [], []
+    for f, path in enumerate(paths):
+        for k, atoms in enumerate(_read_frames(path)):
+            energies.append(_energy(atoms, energy_key, f"{path}, molecule {k}"))
+            z_all.append(atoms.get_atomic_numbers().astype(np.int64))
+            pos_all.append(atoms.get_positions().astype(np.float64))
+            ptr.append(ptr[-1] + len(atoms))
+            qm9.append(int(atoms.info.get("qm9_index", -1)))
+            owners.append(f)
+    m, n_atoms = len(energies), ptr[-1]
+    mols = Molecules(
+        atomic_numbers=np.concatenate(z_all),
+        positions=np.concatenate(pos_all),
+        atom_ptr=np.asarray(ptr, dtype=np.int64),
+        bonds=np.zeros((0, 2), dtype=np.int64),
+        bond_ptr=np.zeros(m + 1, dtype=np.int64),
+        mulliken=np.zeros(n_atoms),
+        qm9_index=np.asarray(qm9, dtype=np.int64),
+        smiles=[""] * m,
+        properties={FILE_ENERGY: np.asarray(energies, dtype=np.float64)},
+        polarizability_tensor=np.zeros((m, 6)),
+    )
+    owner = np.asarray(owners)
+    return mols, [np.flatnonzero(owner == f) for f in range(len(paths))]
 
 
 # Closer than this no two atoms of a molecule are (the shortest bond, H-H, is 0.74 Å); at
