@@ -52,7 +52,7 @@ def info(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     from irrepscope.model.network import build_model
 
     config = load_config(config_path, overrides)
-    model = build_model(config.model)
+    model = build_model(config.model, config.data.target, config.data.auxiliary)
     summary = {
         "params": model.num_parameters(),
         "orders": config.model.orders,
@@ -87,9 +87,13 @@ def train(config_path: str | None, out: str | None, resume_dir: str | None, over
         if not config_path or not out:
             raise IrrepscopeError("train needs CONFIG_PATH and --out RUN_DIR (or --resume RUN_DIR)")
         test = trainer.train(load_config(config_path, overrides), out, progress=not quiet)
+    vector = "vector_mae" in test  # a vector or tensor target: errors per component, and of the whole vector
     click.echo(
-        f"test MAE {test['mae_ev']:.4f} {test['unit']}, RMSE {test['rmse_ev']:.4f} {test['unit']} over {test['n']} molecules; "
-        f"composition baseline on the same molecules: MAE {test['baseline_mae_ev']:.4f} {test['unit']}"
+        f"test MAE {test['mae_ev']:.4f} {test['unit']}{' per component' if vector else ''}, "
+        f"RMSE {test['rmse_ev']:.4f} {test['unit']} over {test['n']} molecules; "
+        + (f"vector error {test['vector_mae']:.4f}, length error {test['norm_mae']:.4f}; zero baseline " if vector else
+           "composition baseline on the same molecules: ")
+        + f"MAE {test['baseline_mae_ev']:.4f} {test['unit']}"
     )
 
 
@@ -126,7 +130,9 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
         click.echo(json.dumps(results))
     else:
         for r in results:
-            click.echo(f"{r['index']:>5}  {r['formula']:<12} {r['prediction']:.4f} {r['unit']}")
+            value = r["prediction"]
+            shown = " ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.4f}"
+            click.echo(f"{r['index']:>5}  {r['formula']:<12} {shown} {r['unit']}")
 
 
 @cli.command()

@@ -102,13 +102,18 @@ class DataConfig:
     # Per-element reference subtracted before standardising (fitted on the training split):
     # auto = per_element for extensive targets (energies...), none for intensive ones.
     reference: str = "auto"
+    # Multi-task: vector/tensor targets predicted by extra heads on the same trunk
+    # (charge_dipole, charge_quadrupole); data.target stays the one evaluated and analysed.
+    auxiliary: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         from irrepscope.data.composition import is_extensive
+        from irrepscope.data.multipoles import EQUIVARIANT_TARGETS, is_equivariant
         from irrepscope.data.qm9 import PROPERTIES
 
-        if self.target not in PROPERTIES:
-            raise IrrepscopeError(f"data.target {self.target!r} is unknown; choose one of {sorted(PROPERTIES)}")
+        if self.target not in PROPERTIES and not is_equivariant(self.target):
+            known = sorted(PROPERTIES) + sorted(EQUIVARIANT_TARGETS)
+            raise IrrepscopeError(f"data.target {shorten(self.target)} is unknown; choose one of {known}")
         if self.graph not in GRAPHS:
             raise IrrepscopeError(f"data.graph must be one of {GRAPHS}, got {self.graph!r}")
         if not isinstance(self.split, list) or len(self.split) != 3:
@@ -119,6 +124,20 @@ class DataConfig:
             _positive_int(self, "limit")
         if self.reference not in REFERENCES:
             raise IrrepscopeError(f"data.reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not isinstance(self.auxiliary, list) or not all(isinstance(a, str) for a in self.auxiliary):
+            raise IrrepscopeError(f"data.auxiliary must be a list of target names, got {shorten(self.auxiliary)}")
+        for name in self.auxiliary:
+            if not is_equivariant(name):
+                raise IrrepscopeError(
+                    f"data.auxiliary: {shorten(name)} is not a vector/tensor target; choose from {sorted(EQUIVARIANT_TARGETS)}"
+                )
+        if len(set(self.auxiliary)) != len(self.auxiliary) or self.target in self.auxiliary:
+            raise IrrepscopeError(f"data.auxiliary {self.auxiliary} repeats a target (or data.target {self.target})")
+        if self.reference == "per_element" and is_equivariant(self.target):
+            raise IrrepscopeError(
+                f"data.reference: per_element makes no sense for the vector/tensor target {self.target!r} "
+                "(a per-element constant cannot point anywhere); use none"
+            )
         if self.reference == "auto":
             self.reference = "per_element" if is_extensive(self.target) else "none"
         elif self.reference == "per_element" and not is_extensive(self.target):
@@ -149,6 +168,10 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     eval_batch_size: int = 128
     max_train_batches: int | None = None  # cap on batches per epoch (quick experiments)
+    auxiliary_weight: float = 1.0  # weight of each data.auxiliary head's standardised MSE (the target's is 1)
+    # Fine-tuning: start the embedding and blocks from this run's best.pt (same architecture;
+    # heads and statistics fresh). "{seed}" in the path becomes train.seed.
+    init_from: str | None = None
 
     def validate(self) -> None:
         _positive_int(self, "epochs", "batch_size", "eval_batch_size")
@@ -169,6 +192,9 @@ class TrainConfig:
         for name in ("threads", "max_train_batches"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
+        _number_where(self, "auxiliary_weight", lambda v: 0 <= v < math.inf, "a number >= 0")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise IrrepscopeError(f"train.init_from must be a run directory or null, got {shorten(self.init_from)}")
 
 
 @dataclass
@@ -180,9 +206,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
+        from irrepscope.data.multipoles import target_order
+
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        for name in [self.data.target, *self.data.auxiliary]:
+            l = target_order(name)
+            if l not in self.model.orders:
+                raise IrrepscopeError(
+                    f"{name} is order l={l}, but model.orders {self.model.orders} lacks {l}: "
+                    f"the readout maps the last block's l={l} features to it"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

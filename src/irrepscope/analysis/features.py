@@ -105,17 +105,23 @@ def collect(
 
             with torch.set_grad_enabled(gradients):
                 pred = model.forward(batch, keep)
-                grads = torch.autograd.grad(pred.sum(), xs) if gradients else [None] * nb
+                # One gradient per output component ([G] for a scalar target, [G, k] for a vector or tensor).
+                parts = [pred] if pred.dim() == 1 else list(pred.unbind(1))
+                grads = (
+                    list(zip(*[torch.autograd.grad(p.sum(), xs, retain_graph=True) for p in parts]))
+                    if gradients
+                    else [None] * nb
+                )
             pred = pred.detach()
             g_count = batch.num_graphs
-            abl_batch = np.zeros((nb, no, g_count))
+            abl_batch = np.zeros((nb, no, *pred.shape))
             for b, (xb, gb) in enumerate(zip(xs, grads)):
                 xb = xb.detach()
                 irreps = model.block_irreps[b]
                 pooled = torch.zeros(g_count, xb.shape[1], dtype=xb.dtype, device=xb.device).index_add(0, batch.atom_graph, xb)
                 x_by = split_by_order(xb, irreps)
                 p_by = split_by_order(pooled, irreps)
-                g_by = split_by_order(gb, irreps) if gb is not None else None
+                g_by = [split_by_order(g, irreps) for g in gb] if gb is not None else None
                 node_sq_total[b] += float((xb.double() ** 2).sum())
                 graph_sq_total[b] += float((pooled.double() ** 2).sum())
                 for j, l in enumerate(orders):
@@ -127,12 +133,14 @@ def collect(
                     feats = p_by[l][..., 0] if l == 0 else invariant_norms(p_by[l])
                     inv[b][l].append(feats.double().cpu().numpy())
                     if g_by is not None:
-                        dot = (g_by[l] * x_by[l]).sum(-1).double()  # [N, H]: <g_u, x_u> per copy
-                        gxi[b, j] += float(dot.abs().sum())
+                        # [N, H] per output component: <g_u, x_u> per copy
+                        dots = [(g[l] * x_by[l]).sum(-1).double() for g in g_by]
+                        gxi[b, j] += sum(float(d.abs().sum()) for d in dots)
                         if model.linear_in_features:
-                            per_mol = torch.zeros(g_count, dtype=dot.dtype, device=dot.device).index_add(
-                                0, batch.atom_graph, dot.sum(-1)
-                            )
+                            per_mol = torch.stack(
+                                [torch.zeros(g_count, dtype=d.dtype, device=d.device).index_add(0, batch.atom_graph, d.sum(-1))
+                                 for d in dots], -1,
+                            ).reshape(pred.shape)  # fmt: skip
                             abl_batch[b, j] = (pred.double() - per_mol).cpu().numpy()
                         else:
                             abl_batch[b, j] = model.ablation(batch, b, l).double().cpu().numpy()

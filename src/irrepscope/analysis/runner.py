@@ -148,7 +148,7 @@ def analyze_model(
 
     t = time.perf_counter()
     last = {l: ev.graph_invariants[-1][l][map_pos] for l in orders}
-    maps = latent.latent_maps(last, ev.target[map_pos], embedding, seed, progress=bar)
+    maps = latent.latent_maps(last, usage.invariant(ev.target[map_pos]), embedding, seed, progress=bar)
     timings["maps"] = time.perf_counter() - t
 
     model_mae = usage.mae(ev.prediction, ev.target)
@@ -193,8 +193,8 @@ def analyze_model(
         "_maps": {
             "coords": {name: m["coords"] for name, m in maps.items()},
             "colours": {
-                "target": ev.target[map_pos],
-                "absolute error": np.abs(ev.prediction - ev.target)[map_pos],
+                "target": usage.invariant(ev.target[map_pos]),  # a vector's or tensor's length
+                "absolute error": np.abs(usage.invariant(ev.prediction - ev.target))[map_pos],
                 "heavy atoms": ev.heavy_atoms[map_pos].astype(float),
                 **{f"nSPS {k}" if k != "nsps" else "nSPS": v for k, v in colours.items()},
             },

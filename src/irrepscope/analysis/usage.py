@@ -12,7 +12,7 @@ Measures (one row per block and order, plus one ``block = "all"`` row per order)
 * ``grad_x_input``: per atom, ``sum_u |<dpred/dx_u, x_u>|`` over the order's copies ``u``
   (inner product over the 2l+1 components: rotation invariant, the first-order estimate of
   zeroing that copy), averaged over atoms.
-* ``probe_r2``: R^2 of a ridge probe of the target from the order's invariant graph
+* ``probe_r2``: R^2 of a ridge probe of the target (its length, for a vector or tensor) from the order's invariant graph
   features at that block, fit on (a subset of) the training split and scored only on
   evaluated molecules it was not fit on (when the evaluated split is the training split,
   the molecules it was fit on are left out of the scoring: no leakage).
@@ -55,6 +55,15 @@ FIELDS = [
     "probe_r2",
     "verdict",
 ]
+
+
+def invariant(values: np.ndarray) -> np.ndarray:
+    """A target as rotation-invariant numbers: itself for a scalar, its length for a vector or tensor ``[M, k]``.
+
+    What the probes (from invariant features) and the map colours use.
+    """
+    values = np.asarray(values)
+    return np.linalg.norm(values, axis=1) if values.ndim == 2 else values
 
 
 def mae(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -123,9 +132,9 @@ def usage_rows(
             if probing:
                 r2 = probe_r2(
                     probe_pass.graph_invariants[b][l],
-                    probe_pass.target,
+                    invariant(probe_pass.target),
                     eval_pass.graph_invariants[b][l][scored],
-                    eval_pass.target[scored],
+                    invariant(eval_pass.target[scored]),
                 )
             rows.append(
                 {

@@ -6,7 +6,7 @@ per-molecule Python loop), so batching costs far less than a model step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -35,6 +35,7 @@ class Batch:
     y: torch.Tensor | None  # float [G]
     num_graphs: int
     mol_index: torch.Tensor  # long [G], dataset index of each molecule
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary targets, [G, k] each
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on ``device``."""
@@ -47,6 +48,7 @@ class Batch:
             edge_dst=self.edge_dst.to(device),
             y=None if self.y is None else self.y.to(device),
             mol_index=self.mol_index.to(device),
+            aux={name: value.to(device) for name, value in self.aux.items()},
         )
 
 
@@ -57,17 +59,19 @@ def collate(
     graph: str = "bond",
     cutoff: float = 6.0,
     dtype: torch.dtype = torch.float32,
+    auxiliary: Sequence[str] = (),
 ) -> Batch:
     """Build the ``Batch`` of molecules ``indices`` of ``mols``.
 
     ``graph="bond"`` uses the perceived covalent bonds; ``graph="radius"`` connects all
     atom pairs of a molecule closer than ``cutoff`` Å. ``target`` names a property of
-    ``PROPERTIES`` (or None for no ``y``).
+    ``mols.properties`` (or None for no ``y``); ``auxiliary`` more of them, in ``aux``.
     """
     if graph not in GRAPHS:
         raise IrrepscopeError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
-    if target is not None and target not in mols.properties:
-        raise IrrepscopeError(f"unknown target {target!r}; available: {sorted(mols.properties)}")
+    for name in [target, *auxiliary] if target is not None else auxiliary:
+        if name not in mols.properties:
+            raise IrrepscopeError(f"unknown target {name!r}; available: {sorted(mols.properties)}")
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(idx) == 0:
         raise IrrepscopeError("cannot collate an empty batch")
@@ -96,6 +100,7 @@ def collate(
         y=y,
         num_graphs=g,
         mol_index=torch.from_numpy(idx.copy()),
+        aux={name: torch.from_numpy(mols.properties[name][idx]).to(dtype) for name in auxiliary},
     )
 
 
@@ -110,6 +115,7 @@ def iterate_batches(
     graph: str = "bond",
     cutoff: float = 6.0,
     dtype: torch.dtype = torch.float32,
+    auxiliary: Sequence[str] = (),
 ) -> Iterator[Batch]:
     """Yield batches of ``batch_size`` molecules (the last one may be smaller) covering ``indices`` once.
 
@@ -123,7 +129,7 @@ def iterate_batches(
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         order = rng.permutation(order)
     for start in range(0, len(order), batch_size):
-        yield collate(mols, order[start : start + batch_size], target, graph, cutoff, dtype)
+        yield collate(mols, order[start : start + batch_size], target, graph, cutoff, dtype, auxiliary)
 
 
 def batch_from_structures(

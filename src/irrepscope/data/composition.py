@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from ase.data import chemical_symbols
 
+from irrepscope.data.multipoles import EQUIVARIANT_TARGETS, is_equivariant
 from irrepscope.data.qm9 import PROPERTIES, Molecules
 from irrepscope.data.xyz import FILE_ENERGY
 from irrepscope.errors import IrrepscopeError
@@ -35,9 +36,11 @@ EXTENSIVE_TARGETS = frozenset(
 
 
 def unit_of(target: str) -> str:
-    """The unit of a QM9 property, or eV for a structure file's energies (NequIP's convention)."""
+    """The unit of a QM9 property or equivariant target, or eV for a structure file's energies (NequIP's convention)."""
     if target == FILE_ENERGY:
         return "eV"
+    if is_equivariant(target):
+        return EQUIVARIANT_TARGETS[target][0]
     if target not in PROPERTIES:
         raise IrrepscopeError(f"unknown target {target!r}")
     return PROPERTIES[target][0]
@@ -104,15 +107,24 @@ class CompositionFit:
 
 
 def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
-    """MAE and RMSE (target unit) on ``mols[indices]`` of the composition fit on ``mols[train_indices]``: the baseline."""
+    """MAE and RMSE (target unit) on ``mols[indices]`` of the composition fit on ``mols[train_indices]``: the baseline.
+
+    For a vector or tensor target the baseline is the zero vector: a function of the
+    composition alone (or of any rotation-invariant description) cannot point anywhere.
+    """
     indices = np.asarray(indices, dtype=np.int64)
-    err = fit_composition(mols, train_indices, target).predict(mols, indices) - mols.properties[target][indices]
+    if is_equivariant(target):
+        err = -mols.properties[target][indices]
+    else:
+        err = fit_composition(mols, train_indices, target).predict(mols, indices) - mols.properties[target][indices]
     return {"baseline_mae_ev": float(np.mean(np.abs(err))), "baseline_rmse_ev": float(np.sqrt(np.mean(err**2)))}
 
 
 def fit_composition(mols: Molecules, train_indices: np.ndarray, target: str) -> CompositionFit:
     """Least-squares fit of ``target`` on element counts over ``mols[train_indices]`` (never other molecules)."""
     unit_of(target)  # an unknown target is an error
+    if is_equivariant(target):
+        raise IrrepscopeError(f"{target} is a vector/tensor target: no composition fit (its baseline is zero)")
     train_indices = np.asarray(train_indices, dtype=np.int64)
     if len(train_indices) == 0:
         raise IrrepscopeError("cannot fit the composition baseline on an empty training split")

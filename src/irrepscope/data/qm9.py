@@ -222,7 +222,7 @@ class Molecules:
             and self.qm9_index.shape == (m,)
             and len(self.smiles) == m
             and self.polarizability_tensor.shape == (m, 6)
-            and all(v.shape == (m,) for v in self.properties.values())
+            and all(v.shape[:1] == (m,) for v in self.properties.values())  # vector targets are [M, k]
         )
         if not ok:
             raise IrrepscopeError("inconsistent molecule arrays (corrupt data or cache)")
@@ -278,6 +278,17 @@ def load_qm9(
     ``source_dir``: folder holding the four CSVs (default: the ``qm9pack`` wheel's data).
     Molecules are sorted by their QM9 index.
     """
+    from irrepscope.data.multipoles import charge_multipoles  # it builds on Molecules
+
+    mols = _load_scalars(cache_dir, progress, source_dir)
+    # Derived from the cached charges and coordinates on every load (well under a second).
+    mols.properties.update(charge_multipoles(mols))
+    return mols
+
+
+def _load_scalars(
+    cache_dir: str | os.PathLike | None, progress: bool, source_dir: str | os.PathLike | None
+) -> Molecules:
     source = Path(source_dir) if source_dir is not None else qm9pack_data_dir()
     fingerprint = _fingerprint(source)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

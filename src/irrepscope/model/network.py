@@ -6,11 +6,18 @@ rescale from the standardised target to its unit -> plus the molecule's per-elem
 reference (the sum over its atoms of a value per element, fitted on the training split;
 zeros in the published recipe). Everything after the last block is :meth:`head`, the
 one place the analysis also goes through.
+
+For a vector or tensor target (``output`` 1o or 2e) the readout maps each atom's
+features of that order to one vector or tensor, summed over the molecule and scaled (no
+shift, no reference: either would break equivariance). A charge-times-position readout
+would let scalar features alone carry a dipole; the linear readout makes the target's
+order at the last block the only way in, which is what a positive control of the
+analysis needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,19 +39,23 @@ NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
 class ModelOutput:
     """What a forward pass returns: the prediction and, on request, every intermediate feature."""
 
-    prediction: torch.Tensor  # [G] in the target's unit
-    standardized: torch.Tensor  # [G] before the affine rescale (what the loss sees)
+    prediction: torch.Tensor  # [G] in the target's unit ([G, 2l+1] for a vector or tensor target)
+    standardized: torch.Tensor  # [G] (or [G, 2l+1]) before the affine rescale (what the loss sees)
     node_features: list[torch.Tensor] | None = None  # per block, [N, irreps.dim]
     graph_features: torch.Tensor | None = None  # [G, irreps.dim]: sum over atoms of the last block
+    auxiliary: dict[str, torch.Tensor] | None = None  # per auxiliary head, standardised [G, 2l+1]
 
 
 class EquivariantGraphConv(torch.nn.Module):
     """The reference model; ``config.backend`` picks the tensor-product implementation."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, output: str = "0e", auxiliary: dict[str, str] | None = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
+        self.output = o3.Irreps(output)  # of one molecule's prediction: 0e, 1o or 2e
+        if len(self.output) != 1 or self.output[0].mul != 1 or self.output[0].ir not in self.output_choices(config):
+            raise ValueError(f"output {output!r} must be one irrep carried by the hidden features {self.output_choices(config)}")
         self.orders = list(config.orders)
         self.irreps_hidden = hidden_irreps(self.orders, config.hidden_mul)
         self.embedding = torch.nn.Embedding(config.num_elements, config.embedding_dim)
@@ -64,13 +75,25 @@ class EquivariantGraphConv(torch.nn.Module):
             blocks.append(block)
             irreps_in = block.irreps_out
         self.blocks = torch.nn.ModuleList(blocks)
-        self.readout = o3.Linear(self.irreps_hidden, o3.Irreps("0e"))
+        self.readout = o3.Linear(self.irreps_hidden, self.output)
+        # Multi-task: one more linear head per auxiliary vector/tensor target, on the same last block.
+        auxiliary = dict(auxiliary or {})
+        self.auxiliary_heads = torch.nn.ModuleDict({name: o3.Linear(self.irreps_hidden, ir) for name, ir in auxiliary.items()})
+        self.register_buffer("auxiliary_std", torch.ones(len(auxiliary)))
         # Affine rescale of the standardised output; set from the training split's statistics.
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
         # Per-element reference (target unit), indexed by atomic number; zeros = none.
         self.register_buffer("element_reference", torch.zeros(config.num_elements))
-        self._register_load_state_dict_pre_hook(_zero_reference_if_missing, with_module=True)
+        self._register_load_state_dict_pre_hook(_fill_missing_buffers, with_module=True)
+
+    @staticmethod
+    def output_choices(config: ModelConfig) -> list[o3.Irrep]:
+        return [ir for _, ir in hidden_irreps(config.orders, 1)]
+
+    @property
+    def scalar_output(self) -> bool:
+        return self.output.dim == 1
 
     @property
     def backend(self) -> str:
@@ -122,10 +145,21 @@ class EquivariantGraphConv(torch.nn.Module):
             if return_features:
                 kept.append(x)
         prediction, standardized = self.head(x, batch)
+        aux = None
+        if len(self.auxiliary_heads):
+            aux = {name: self._pool(head(x), batch) for name, head in self.auxiliary_heads.items()}
         graph = None
         if return_features:
             graph = torch.zeros(batch.num_graphs, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, batch.batch, x)
-        return ModelOutput(prediction, standardized, kept if return_features else None, graph)
+        return ModelOutput(prediction, standardized, kept if return_features else None, graph, aux)
+
+    def auxiliary_predictions(self, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """The auxiliary heads' predictions in their targets' units."""
+        return {name: out.auxiliary[name] * self.auxiliary_std[k] for k, name in enumerate(self.auxiliary_heads)}
+
+    @staticmethod
+    def _pool(per_atom: torch.Tensor, batch: "Batch") -> torch.Tensor:
+        return per_atom.new_zeros(batch.num_graphs, per_atom.shape[1]).index_add(0, batch.batch, per_atom)
 
 
     def head(self, x: torch.Tensor, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +167,12 @@ class EquivariantGraphConv(torch.nn.Module):
 
         Readout to one scalar per atom, sum per molecule, affine rescale, plus the
         per-element reference. Affine in ``x``: the analysis's exact shortcuts rely on it.
+        A vector or tensor output is only scaled: ``[G, 2l+1]`` instead of ``[G]``.
         """
-        per_atom = self.readout(x).squeeze(-1)
-        standardized = x.new_zeros(batch.num_graphs).index_add(0, batch.batch, per_atom)
+        standardized = self._pool(self.readout(x), batch)
+        if not self.scalar_output:
+            return standardized * self.target_std, standardized
+        standardized = standardized.squeeze(-1)
         return standardized * self.target_std + self.target_mean + self.reference_sum(batch), standardized
 
     def reference_sum(self, batch: "Batch") -> torch.Tensor:
@@ -144,13 +181,16 @@ class EquivariantGraphConv(torch.nn.Module):
         return ref.new_zeros(batch.num_graphs).index_add(0, batch.batch, ref)
 
 
-def _zero_reference_if_missing(module, state_dict, prefix, *args) -> None:
-    # Checkpoints written before the per-element reference existed had none: zeros.
-    key = prefix + "element_reference"
-    if key not in state_dict:
-        state_dict[key] = torch.zeros_like(module.element_reference)
+def _fill_missing_buffers(module, state_dict, prefix, *args) -> None:
+    # Checkpoints written before these buffers existed: no per-element reference (zeros)
+    # and no auxiliary heads (an empty scale vector).
+    for name, fill in (("element_reference", torch.zeros_like), ("auxiliary_std", torch.ones_like)):
+        if prefix + name not in state_dict:
+            state_dict[prefix + name] = fill(getattr(module, name))
 
 
-def build_model(config: ModelConfig) -> EquivariantGraphConv:
-    """Build the model described by ``config`` (fresh weights: seed torch first for reproducibility)."""
-    return EquivariantGraphConv(config)
+def build_model(config: ModelConfig, target: str = "U0_atomization", auxiliary: Sequence[str] = ()) -> EquivariantGraphConv:
+    """Build the model described by ``config`` for ``target`` (and auxiliary heads); fresh weights: seed torch first."""
+    from irrepscope.data.multipoles import target_irreps
+
+    return EquivariantGraphConv(config, target_irreps(target), {name: target_irreps(name) for name in auxiliary})

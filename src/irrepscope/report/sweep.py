@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
+from irrepscope.data.composition import unit_of  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 from irrepscope.sweeps.spec import Sweep  # noqa: E402
 from irrepscope.sweeps.summary import (  # noqa: E402
@@ -29,6 +30,9 @@ from irrepscope.sweeps.summary import (  # noqa: E402
 
 def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
     """Test MAE (mean ± std over seeds) against parameters and against training time."""
+    # One target per figure (errors of different targets have different units): the first configuration's.
+    target = summary[0].get("target", "U0_atomization")
+    summary = [r for r in summary if r.get("target", "U0_atomization") == target]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for x_key, ax, label in (("params", axes[0], "parameters"), ("train_seconds_mean", axes[1], "training time per run (s)")):
         for r in summary:
@@ -38,7 +42,7 @@ def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
         base = np.mean([r["baseline_mean"] for r in summary])
         ax.axhline(base, color="grey", ls="--", lw=1, label=f"composition baseline ({base:.3g} eV)")
         ax.set_xlabel(label)
-        ax.set_ylabel("test MAE (eV)")
+        ax.set_ylabel(f"test MAE of {target} ({unit_of(target)})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     return fig

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from irrepscope.atomic import atomic_write_text
+from irrepscope.data.composition import unit_of
 from irrepscope.sweeps.runner import run_status
 from irrepscope.sweeps.spec import Sweep
 from irrepscope.training.runs import RunDir
 
 RESULT_FIELDS = [
-    "config", "variant", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds", "device",
+    "config", "variant", "target", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds", "device",
     "reference", "test_mae_ev", "test_rmse_ev", "baseline_mae_ev", "mae_ratio_to_baseline", "n_test", "best_epoch", "run",
     "status", "error",
 ]  # fmt: skip
@@ -41,6 +42,7 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "config": spec.config_name,
             "variant": spec.variant,
+            "target": spec.config.data.target,
             "orders": " ".join(map(str, spec.config.model.orders)),
             "hidden_mul": spec.config.model.hidden_mul,
             "seed": spec.seed,
@@ -99,6 +101,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             {
                 "variant": variant,
+                "target": items[0].get("target", "U0_atomization"),
                 "orders": items[0]["orders"],
                 "hidden_mul": items[0]["hidden_mul"],
                 "params": items[0]["params"],
@@ -128,18 +131,21 @@ def summary_markdown(name: str, summary: list[dict[str, Any]]) -> str:
     lines = [
         f"# Sweep {name}",
         "",
-        "Test error on each run's own held-out split; mean ± sample standard deviation over seeds. "
-        "Composition baseline: least squares of the target on element counts, fitted on each run's "
-        "training split, on the same test molecules.",
+        "Test error on each run's own held-out split, in the target's unit (eV for energies; per component "
+        "for a vector or tensor); mean ± sample standard deviation over seeds. Baseline: the composition "
+        "baseline, least squares of the target on element counts, fitted on each run's training split, on the same test molecules "
+        "(the zero vector for a vector or tensor target).",
         "",
-        "| configuration | orders | H | params | seeds | test MAE (eV) | composition baseline MAE (eV) | test RMSE (eV) | train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | target | orders | H | params | seeds | test MAE | baseline MAE | test RMSE | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
+        unit = f" {unit_of(r['target'])}"
         lines.append(
-            f"| {r['variant']} | [{r['orders'].replace(' ', ',')}] | {r['hidden_mul']} | {r['params']:,} | {r['seeds']} "
-            f"| {mean_pm_std(r['mae_mean'], r['mae_std'])} | {mean_pm_std(r['baseline_mean'], r['baseline_std'])} "
-            f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])} | {_train_time(r)} |"
+            f"| {r['variant']} | {r['target']} | [{r['orders'].replace(' ', ',')}] | {r['hidden_mul']} | {r['params']:,} "
+            f"| {r['seeds']} | {mean_pm_std(r['mae_mean'], r['mae_std'])}{unit} "
+            f"| {mean_pm_std(r['baseline_mean'], r['baseline_std'])}{unit} "
+            f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])}{unit} | {_train_time(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -225,12 +231,16 @@ def paired_comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from scipy import stats
 
     by_variant: dict[str, dict[int, float]] = {}
+    target: dict[str, str] = {}
     for r in _finished(rows):
         by_variant.setdefault(r["variant"], {})[r["seed"]] = r["test_mae_ev"]
+        target[r["variant"]] = r.get("target", "")
     names = list(by_variant)
     out = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
+            if target[a] != target[b]:  # errors of different targets (units) are not compared
+                continue
             seeds = sorted(set(by_variant[a]) & set(by_variant[b]))
             if len(seeds) < 2:
                 continue
@@ -260,7 +270,7 @@ def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, A
             "",
             "## Paired comparisons (same seed = same subset and split)",
             "",
-            "| a | b | seeds | MAE(a) - MAE(b) (eV) | a better in | paired t | p |",
+            "| a | b | seeds | MAE(a) - MAE(b) (target unit) | a better in | paired t | p |",
             "|---|---|---|---|---|---|---|",
         ]
         for c in pairs:
@@ -276,7 +286,7 @@ def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, A
             "",
             "From each run's `analysis/usage.json` (its own test split); mean ± sample standard deviation over seeds.",
             "",
-            "| configuration | order | seeds | ΔMAE (eV) | unused in |",
+            "| configuration | order | seeds | ΔMAE (target unit) | unused in |",
             "|---|---|---|---|---|",
         ]
         for u in table:

@@ -11,8 +11,8 @@ import torch
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import baseline_errors
-from irrepscope.data.qm9 import PROPERTIES, Molecules, load_qm9
+from irrepscope.data.composition import baseline_errors, unit_of
+from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_model
@@ -44,7 +44,7 @@ def model_from_checkpoint(
     config = checkpoint_config(state, path)
     if backend is not None:
         config.model.backend = backend
-    model = build_model(config.model)
+    model = build_model(config.model, config.data.target, config.data.auxiliary)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -55,13 +55,10 @@ def model_from_checkpoint(
 
 
 @torch.no_grad()
-def predict(
-    model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
-) -> np.ndarray:
-    """Predictions (target unit) for ``mols[indices]``, in the order given."""
-    device = next(model.parameters()).device
+def _outputs(model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None):
+    """The model's outputs on ``mols[indices]``, batch by batch, in the order given."""
     dtype = next(model.parameters()).dtype
-    out = []
+    device = next(model.parameters()).device
     for batch in iterate_batches(
         mols,
         indices,
@@ -73,16 +70,44 @@ def predict(
         cutoff=config.model.cutoff,
         dtype=dtype,
     ):
-        out.append(model(batch.to(device)).prediction.double().cpu().numpy())
+        yield model(batch.to(device))
+
+
+def predict(
+    model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
+) -> np.ndarray:
+    """Predictions (target unit) for ``mols[indices]``, in the order given."""
+    out = [o.prediction.double().cpu().numpy() for o in _outputs(model, mols, indices, config, batch_size)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def predict_auxiliary(
+    model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
+) -> dict[str, np.ndarray]:
+    """The auxiliary heads' predictions (their targets' units) for ``mols[indices]``."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in model.auxiliary_heads}
+    for o in _outputs(model, mols, indices, config, batch_size):
+        for name, value in model.auxiliary_predictions(o).items():
+            parts[name].append(value.double().cpu().numpy())
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
 def regression_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float | int]:
-    """MAE and RMSE (in the target's unit) and the number of molecules."""
+    """MAE and RMSE (in the target's unit) and the number of molecules.
+
+    For a vector or tensor target ``[M, k]``: ``mae_ev``/``rmse_ev`` are per component;
+    ``vector_mae`` is the mean length of the error vector and ``norm_mae`` the mean error
+    of the predicted length (both in the target's unit, rotation invariant).
+    """
     if len(target) == 0:
         raise IrrepscopeError("cannot evaluate on an empty set of molecules")
-    err = np.asarray(prediction, dtype=float) - np.asarray(target, dtype=float)
-    return {"mae_ev": float(np.mean(np.abs(err))), "rmse_ev": float(math.sqrt(np.mean(err**2))), "n": int(len(err))}
+    prediction, target = np.asarray(prediction, dtype=float), np.asarray(target, dtype=float)
+    err = prediction - target
+    out = {"mae_ev": float(np.mean(np.abs(err))), "rmse_ev": float(math.sqrt(np.mean(err**2))), "n": int(len(err))}
+    if err.ndim == 2:
+        out["vector_mae"] = float(np.mean(np.linalg.norm(err, axis=1)))
+        out["norm_mae"] = float(np.mean(np.abs(np.linalg.norm(prediction, axis=1) - np.linalg.norm(target, axis=1))))
+    return out
 
 
 def evaluate_run(
@@ -98,12 +123,17 @@ def evaluate_run(
     pred = predict(model, mols, indices, config)
     target = mols.properties[config.data.target][indices]
     metrics = {**regression_metrics(pred, target), **baseline_errors(mols, splits["train"], indices, config.data.target)}
+    auxiliary = {}
+    for name, value in predict_auxiliary(model, mols, indices, config).items():
+        aux = {**regression_metrics(value, mols.properties[name][indices]), **baseline_errors(mols, splits["train"], indices, name)}
+        auxiliary[name] = {**aux, "unit": unit_of(name)}
     return {
         **metrics,
+        **({"auxiliary": auxiliary} if auxiliary else {}),
         "mae_ratio_to_baseline": baseline_ratio(metrics),
         "split": split,
         "target": config.data.target,
-        "unit": PROPERTIES[config.data.target][0],  # mae_ev/rmse_ev are in this unit
+        "unit": unit_of(config.data.target),  # mae_ev/rmse_ev are in this unit
         "reference": config.data.reference,
         "checkpoint": which,
         "epoch": int(state.get("epoch", 0)),

@@ -10,7 +10,8 @@ from ase.formula import Formula
 from ase.data import chemical_symbols
 
 from irrepscope.data.batching import batch_from_structures
-from irrepscope.data.qm9 import ATOM_REF_U0_HARTREE, PROPERTIES
+from irrepscope.data.composition import unit_of
+from irrepscope.data.qm9 import ATOM_REF_U0_HARTREE
 from irrepscope.data.xyz import check_elements, read_structures
 from irrepscope.errors import IrrepscopeError
 from irrepscope.training.evaluate import model_from_checkpoint
@@ -57,7 +58,7 @@ def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best"
                     "index": start + k,
                     "formula": Formula.from_list([chemical_symbols[int(a)] for a in z]).format("hill"),
                     "prediction": value,
-                    "unit": PROPERTIES[config.data.target][0],
+                    "unit": unit_of(config.data.target),
                     "target": config.data.target,
                     "warnings": [f"outside QM9: {note}; the prediction is an extrapolation" for note in outside_qm9(z)],
                 }

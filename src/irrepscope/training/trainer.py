@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
 from irrepscope.config import Config, recipe_differences
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import baseline_errors, fit_composition
+from irrepscope.data.composition import baseline_errors, fit_composition, unit_of
+from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split, random_split, save_split
 from irrepscope.errors import IrrepscopeError
@@ -86,6 +87,47 @@ def check_resumable(saved: Config, given: Config, done_epochs: int, where: Path)
         )
 
 
+TRUNK = ("embedding.", "blocks.")  # what fine-tuning takes from another run: everything before the heads
+
+
+def init_trunk(model: EquivariantGraphConv, config: Config, split: dict[str, np.ndarray]) -> None:
+    """Load the embedding and blocks of ``config.train.init_from``'s best.pt into ``model`` (heads stay fresh).
+
+    The source must have the same trunk, and must not have trained on this run's test
+    molecules (that would leak them into the fine-tuned model's test error).
+    """
+    source = RunDir.at(config.train.init_from.format(seed=config.train.seed))
+    if not source.checkpoint("best").is_file():
+        raise IrrepscopeError(f"train.init_from: {source.root} has no checkpoints/best.pt (train it first)")
+    state = load_checkpoint(source.checkpoint("best"))
+    theirs = checkpoint_config(state, source.checkpoint("best"))
+    keys = ("orders", "hidden_mul", "num_blocks", "num_basis", "cutoff", "embedding_dim", "num_elements",
+            "radial_hidden", "aggregation_norm", "radial_envelope")  # fmt: skip
+    differ = [k for k in keys if getattr(theirs.model, k) != getattr(config.model, k)]
+    if differ:
+        raise IrrepscopeError(f"train.init_from: {source.root}'s model differs in {', '.join('model.' + k for k in differ)}")
+    if source.split.is_file():
+        leaked = np.intersect1d(load_split(source.split)["train"], split["test"])
+        if len(leaked):
+            raise IrrepscopeError(
+                f"train.init_from: {source.root} trained on {len(leaked)} of this run's test molecules; "
+                "use the same data.limit and train.seed (the same split)"
+            )
+    # Loaded part by part: a partial load of the whole model would run its load hooks (which
+    # fill a missing per-element reference with zeros) over this run's fresh statistics.
+    for part in TRUNK:
+        sub = {k[len(part):]: v for k, v in state["model"].items() if k.startswith(part)}
+        try:
+            getattr(model, part.rstrip(".")).load_state_dict(sub)
+        except RuntimeError as exc:
+            raise IrrepscopeError(f"train.init_from: {source.root}'s {part.rstrip('.')} does not fit: {str(exc).splitlines()[0]}") from None
+
+
+def _milli(value: float, unit: str) -> str:
+    """An error for the epoch line: in meV for energies (metrics.csv's *_mev columns hold 1000 x the target unit)."""
+    return f"{1000 * value:.1f} meV" if unit == "eV" else f"{value:.4g} {unit}"
+
+
 class WeightEMA:
     """Exponential moving average of a model's parameters; ``module`` is the averaged copy.
 
@@ -132,14 +174,23 @@ class Trainer:
         self.run.write_config(cfg)
         save_split(self.run.split, split, {"seed": cfg.train.seed, "fractions": cfg.data.split, "limit": cfg.data.limit})
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.data.target, cfg.data.auxiliary)
         y = self.mols.properties[cfg.data.target][split["train"]]
-        fit = fit_composition(self.mols, split["train"], cfg.data.target)
-        if cfg.data.reference == "per_element":
-            model.set_element_reference(torch.from_numpy(fit.reference_vector(cfg.model.num_elements)))
-            y = y - fit.predict(self.mols, split["train"])
-        atomic_write_json(self.run.composition, {"reference": cfg.data.reference, **fit.to_json()})
-        model.set_target_stats(float(y.mean()), float(y.std()))
+        if is_equivariant(cfg.data.target):
+            # No shift and one scale for all components (the RMS): anything else breaks equivariance.
+            model.set_target_stats(0.0, float(np.sqrt(np.mean(y**2))))
+            atomic_write_json(self.run.composition, {"reference": "none", "target": cfg.data.target, "baseline": "zero"})
+        else:
+            fit = fit_composition(self.mols, split["train"], cfg.data.target)
+            if cfg.data.reference == "per_element":
+                model.set_element_reference(torch.from_numpy(fit.reference_vector(cfg.model.num_elements)))
+                y = y - fit.predict(self.mols, split["train"])
+            atomic_write_json(self.run.composition, {"reference": cfg.data.reference, **fit.to_json()})
+            model.set_target_stats(float(y.mean()), float(y.std()))
+        for k, name in enumerate(cfg.data.auxiliary):  # vectors/tensors: one RMS scale, no shift
+            model.auxiliary_std[k] = float(np.sqrt(np.mean(self.mols.properties[name][split["train"]] ** 2)))
+        if cfg.train.init_from is not None:
+            init_trunk(model, cfg, split)
         model.to(self.device, self.dtype)
         self.run.write_metrics([])
         progress = {"epoch": 0, "best_val_mae": math.inf, "best_epoch": 0, "plateau_scale": 1.0, "plateau_since": 0}
@@ -154,7 +205,7 @@ class Trainer:
                 raise IrrepscopeError(f"cannot resume {self.run.root}: its last.pt has no {key!r} (not a training checkpoint)")
         saved = checkpoint_config(state, self.run.checkpoint("last"))
         check_resumable(saved, self.config, state["epoch"], self.run.root)
-        model = build_model(self.config.model)
+        model = build_model(self.config.model, self.config.data.target, self.config.data.auxiliary)
         # With an EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw ones.
         model.load_state_dict(state.get("train_model", state["model"]))
         model.to(self.device, self.dtype)
@@ -182,7 +233,7 @@ class Trainer:
         model, opt, progress = self._resumed() if resume else self._fresh()
         ema = None
         if cfg.train.ema_decay is not None:
-            twin = build_model(cfg.model).to(self.device, self.dtype)
+            twin = build_model(cfg.model, cfg.data.target, cfg.data.auxiliary).to(self.device, self.dtype)
             ema = WeightEMA(model, twin, cfg.train.ema_decay)
             if "ema" in progress:
                 averaged, ema.n_averaged = progress.pop("ema")
@@ -191,6 +242,7 @@ class Trainer:
         rows = self.run.read_metrics()
         target = self.mols.properties[cfg.data.target]
         baseline_val = baseline_errors(self.mols, split["train"], split["val"], cfg.data.target)["baseline_mae_ev"]
+        unit = unit_of(cfg.data.target)
         for epoch in range(progress["epoch"], cfg.train.epochs):
             t0 = time.perf_counter()
             train_loss, n_mol = self._train_epoch(model, opt, ema, split["train"], epoch, progress["plateau_scale"])
@@ -215,10 +267,10 @@ class Trainer:
                 self._save(self.run.checkpoint("best"), model, ema, opt, progress, rows)
             self._save(self.run.checkpoint("last"), model, ema, opt, progress, rows)
             self.run.write_metrics(rows)
+            what = "zero baseline" if is_equivariant(cfg.data.target) else "composition baseline"
             tqdm.write(
-                f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  "
-                f"val MAE {1000 * val['mae_ev']:.1f} meV (composition baseline {1000 * baseline_val:.1f})  "
-                f"({n_mol / seconds:.0f} mol/s)"
+                f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  val MAE {_milli(val['mae_ev'], unit)} "
+                f"({what} {_milli(baseline_val, unit)})  ({n_mol / seconds:.0f} mol/s)"
             )
         test = evaluate_run(self.run.root, "test", device=str(self.device), mols=self.mols)
         self.run.write_test(test)
@@ -238,6 +290,7 @@ class Trainer:
             graph=cfg.data.graph,
             cutoff=cfg.model.cutoff,
             dtype=self.dtype,
+            auxiliary=cfg.data.auxiliary,
         )
         n_batches = math.ceil(len(indices) / cfg.train.batch_size)
         if cfg.train.max_train_batches:
@@ -251,7 +304,11 @@ class Trainer:
                 group["lr"] = learning_rate(cfg, epoch + (step + 1) / n_batches, plateau_scale)
             batch = batch.to(self.device)
             out = model(batch)
-            loss = torch.mean((out.standardized - (batch.y - model.reference_sum(batch) - mean) / std) ** 2)
+            reference = model.reference_sum(batch) if model.scalar_output else 0.0
+            loss = torch.mean((out.standardized - (batch.y - reference - mean) / std) ** 2)
+            for k, name in enumerate(cfg.data.auxiliary):  # multi-task: same trunk, one head each
+                aux_loss = torch.mean((out.auxiliary[name] - batch.aux[name] / model.auxiliary_std[k]) ** 2)
+                loss = loss + cfg.train.auxiliary_weight * aux_loss
             if not torch.isfinite(loss):
                 raise IrrepscopeError(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
