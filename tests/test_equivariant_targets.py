@@ -253,3 +253,13 @@ def test_fine_tuning_refuses_a_different_trunk_or_a_leaking_split(pretrained, tm
     assert run_cli("train", str(ROOT / "configs" / "quick" / "tiny.yaml"), "--out", str(tmp_path / "ft2"), "--quiet",
                    "--set", f"train.init_from={tmp_path / 'nothing'}") == 2  # fmt: skip
     assert "best.pt" in capsys.readouterr().err
+
+
+def test_report_names_the_zero_baseline(tmp_path):
+    from irrepscope.report.analysis import summary_text
+
+    result = {"rows": [], "unused_orders": [], "baseline_mae": 0.2, "mae_ratio_to_baseline": 0.9, "beats_baseline": False,
+              "baseline_name": "zero baseline", "model_mae": 0.18, "unit": "e*Å", "n_molecules": 5, "split": "test",
+              "threshold": 0.01, "threshold_ev": 0.0018, "ablation_molecules": 5, "orders": [0, 1]}  # fmt: skip
+    text = summary_text(result)
+    assert "not clearly better than the zero baseline" in text and "the zero vector" in text

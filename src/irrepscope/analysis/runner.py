@@ -18,7 +18,8 @@ from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
-from irrepscope.data.composition import baseline_errors, unit_of
+from irrepscope.data.composition import baseline_errors, baseline_name, unit_of
+from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.qm9 import Molecules
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
@@ -166,8 +167,13 @@ def analyze_model(
         "baseline_rmse": baseline["baseline_rmse_ev"],
         "mae_ratio_to_baseline": ratio,
         "beats_baseline": bool(ratio <= usage.LEARNED_RATIO),
-        "baseline_rule": f"composition baseline: least squares on element counts, training split only; "
-        f"the model has learned beyond composition when its MAE <= {usage.LEARNED_RATIO} x the baseline's",
+        "baseline_name": baseline_name(target),
+        "baseline_rule": (
+            "zero baseline: the zero vector, what any function of the composition must predict; "
+            if is_equivariant(target)
+            else "composition baseline: least squares on element counts, training split only; "
+        )
+        + f"the model has learned beyond composition when its MAE <= {usage.LEARNED_RATIO} x the baseline's",
         "orders": list(model.orders),
         "analysed_orders": orders,
         "unused_orders": unused,

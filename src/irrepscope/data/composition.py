@@ -106,6 +106,11 @@ class CompositionFit:
         }
 
 
+def baseline_name(target: str) -> str:
+    """What the baseline of ``target`` is called in reports."""
+    return "zero baseline" if is_equivariant(target) else "composition baseline"
+
+
 def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
     """MAE and RMSE (target unit) on ``mols[indices]`` of the composition fit on ``mols[train_indices]``: the baseline.
 

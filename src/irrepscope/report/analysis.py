@@ -116,17 +116,19 @@ def summary_text(result: dict[str, Any]) -> str:
     effects = ", ".join(f"l={l}: {_fmt(v)} {unit}" for l, v in alls.items())
     unused = result["unused_orders"]
     base, ratio = result.get("baseline_mae"), result.get("mae_ratio_to_baseline")
+    name = result.get("baseline_name", "composition baseline")
     if base is None:  # usage.json of an analysis that predates the baseline
         first = []
     elif result.get("beats_baseline"):
         first = [
-            f"The model's MAE is {1 / ratio:.1f}x lower than the composition baseline's "
+            f"The model's MAE is {1 / ratio:.1f}x lower than the {name}'s "
             f"({result['model_mae']:.4g} vs {base:.4g} {unit} on the same molecules)."
         ]
     else:
+        what = "the zero vector" if name == "zero baseline" else "a least-squares fit on element counts"
         first = [
-            f"This model is not clearly better than the composition baseline (MAE {result['model_mae']:.4g} vs "
-            f"{base:.4g} {unit} on the same molecules, a least-squares fit on element counts): its usage verdicts "
+            f"This model is not clearly better than the {name} (MAE {result['model_mae']:.4g} vs "
+            f"{base:.4g} {unit} on the same molecules, {what}): its usage verdicts "
             "describe a model that has not learned beyond composition."
         ]
     parts = first + [
@@ -187,8 +189,8 @@ pre{{background:#f6f6f6;padding:1em}}.summary{{font-size:16px;background:#eef5ff
 <p>Run: <code>{html.escape(str(result.get('run', '')))}</code>, checkpoint {html.escape(str(result.get('checkpoint', '')))},
 target {html.escape(result['target'])} ({html.escape(result.get('unit') or '')}).</p>
 <h2>Summary</h2><p class="summary">{html.escape(summary_text(result))}</p>
-<h2>Metrics</h2><p>On the analysed molecules of the run's own saved split, beside the composition baseline (least squares of the
-target on element counts, fitted on the run's training split) on the same molecules:</p>{_table([metrics], list(metrics))}
+<h2>Metrics</h2><p>On the analysed molecules of the run's own saved split, beside the
+{html.escape(result.get('baseline_rule', 'composition baseline'))}, on the same molecules:</p>{_table([metrics], list(metrics))}
 <p>The run's test.json:</p>{test_html}
 <h2>Usage</h2>
 <p><b>ablation_delta_mae_ev</b>: MAE with the order zeroed after that block minus the model's MAE (block "all": after every block,
