@@ -53,8 +53,9 @@ def test_size_order_and_properties(qm9):
     assert qm9.qm9_index[0] == 1 and qm9.qm9_index[-1] == 133_885
     assert np.all(np.diff(qm9.qm9_index) > 0)
     assert set(np.unique(qm9.atomic_numbers)) == {1, 6, 7, 8, 9}
-    assert set(qm9.properties) == set(PROPERTIES)
-    assert all(v.dtype == np.float64 and v.shape == (len(qm9),) for v in qm9.properties.values())
+    assert set(qm9.properties) == set(PROPERTIES) | {"charge_dipole", "charge_quadrupole"}
+    assert all(qm9.properties[k].dtype == np.float64 and qm9.properties[k].shape == (len(qm9),) for k in PROPERTIES)
+    assert qm9.properties["charge_dipole"].shape == (len(qm9), 3) and qm9.properties["charge_quadrupole"].shape == (len(qm9), 5)
     assert qm9.bonds.dtype == np.int64 and np.all(qm9.bonds[:, 0] < qm9.bonds[:, 1])
     # The brief's standardisation constants for the U0 atomization energy.
     assert qm9.properties["U0_atomization"].mean() == pytest.approx(-76.12, abs=0.01)

@@ -75,9 +75,10 @@ def test_targets_of_moved_molecules_are_the_moved_targets(qm9, proper):
     for name, irreps in TARGETS.items():
         np.testing.assert_allclose(moved.properties[name][IDX], act(irreps, matrix, qm9.properties[name][IDX]), atol=1e-9)
         assert np.abs(qm9.properties[name][IDX]).max() > 0.1  # not vacuous
-    if not proper:  # a reflection flips a dipole (1o), not a quadrupole (2e)
-        r = -matrix
-        np.testing.assert_allclose(moved.properties["charge_dipole"][IDX], -(qm9.properties["charge_dipole"][IDX] @ r.T), atol=1e-9)
+    # The inversion flips a dipole (1o) and leaves a quadrupole (2e) alone.
+    inverted = transformed(qm9, IDX, -np.eye(3))
+    np.testing.assert_allclose(inverted.properties["charge_dipole"][IDX], -qm9.properties["charge_dipole"][IDX], atol=1e-12)
+    np.testing.assert_allclose(inverted.properties["charge_quadrupole"][IDX], qm9.properties["charge_quadrupole"][IDX], atol=1e-12)
 
 
 def act(irreps: str, matrix: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -171,13 +172,13 @@ def test_dipole_run_end_to_end(tmp_path, qm9, capsys):
     args = ["train", str(ROOT / "configs" / "quick" / "tiny.yaml"), "--out", str(run), "--quiet",
             "--set", "data.target=charge_dipole", "--set", "train.max_train_batches=4"]  # fmt: skip
     assert run_cli(*args) == 0
-    assert "per component" in capsys.readouterr().out
+    assert "length of the error vector" in capsys.readouterr().out
     test = json.loads((run / "test.json").read_text())
     split = json.loads((run / "split.json").read_text())
     y = qm9.properties["charge_dipole"][np.asarray(split["test"])]
     assert test["unit"] == "e*Å" and test["reference"] == "none"
-    assert test["baseline_mae_ev"] == pytest.approx(np.abs(y).mean(), rel=1e-9)  # the zero vector
-    assert test["vector_mae"] >= test["norm_mae"] - 1e-12  # | |p| - |y| | <= |p - y|
+    assert test["baseline_mae_ev"] == pytest.approx(np.linalg.norm(y, axis=1).mean(), rel=1e-9)  # the zero vector
+    assert test["component_mae"] < test["mae_ev"]
     assert run_cli("analyze", str(run), "--embedding", "pca", "--quiet", "--probe-molecules", "60") == 0
     result = json.loads((run / "analysis" / "usage.json").read_text())
     rows = {(r["block"], r["order"]): r for r in result["rows"]}
@@ -263,3 +264,40 @@ def test_report_names_the_zero_baseline(tmp_path):
               "threshold": 0.01, "threshold_ev": 0.0018, "ablation_molecules": 5, "orders": [0, 1]}  # fmt: skip
     text = summary_text(result)
     assert "not clearly better than the zero baseline" in text and "the zero vector" in text
+
+
+def test_structure_files_without_fluorine_and_shared_molecules(tmp_path, qm9):
+    """Composition counts of molecules without F (max Z = 8) work; a molecule in both files is refused."""
+    import ase.io
+    from ase import Atoms
+
+    from irrepscope.data.composition import element_counts
+    from irrepscope.data.xyz import read_labelled
+
+    def write(path, indices):
+        frames = []
+        for i in indices:
+            z, pos = qm9.molecule(int(i))
+            atoms = Atoms(numbers=z, positions=pos)
+            atoms.info.update(energy=float(qm9.properties["U0_atomization"][i]), qm9_index=int(i))
+            frames.append(atoms)
+        ase.io.write(path, frames, format="extxyz")
+
+    no_f = [i for i in range(50) if 9 not in qm9.molecule(i)[0]][:6]
+    write(tmp_path / "a.extxyz", no_f[:4])
+    write(tmp_path / "b.extxyz", no_f[3:])
+    mols, (a, b) = read_labelled([tmp_path / "a.extxyz", tmp_path / "b.extxyz"])
+    assert int(mols.atomic_numbers.max()) <= 8
+    np.testing.assert_array_equal(element_counts(mols, b), element_counts(qm9, np.asarray(no_f[3:])))
+    from irrepscope.api import _check_disjoint
+
+    with pytest.raises(IrrepscopeError, match="both"):
+        _check_disjoint(mols, a, b)  # molecule no_f[3] is in both files
+    _check_disjoint(mols, a[:3], b)
+
+
+def test_export_refuses_vector_targets(tmp_path, qm9):
+    from irrepscope.data.export import write_extxyz
+
+    with pytest.raises(IrrepscopeError, match="vector/tensor"):
+        write_extxyz(qm9, np.arange(3), tmp_path / "x.extxyz", "charge_dipole")

@@ -30,6 +30,7 @@ from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
 from irrepscope.config import Config
+from irrepscope.data.composition import unit_of
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
@@ -127,6 +128,14 @@ def analyze_run(
     )
 
 
+def _check_disjoint(mols: Molecules, train: np.ndarray, evaluated: np.ndarray) -> None:
+    """Refuse analysed molecules that are also training molecules (by ``qm9_index``, where the files carry it)."""
+    shared = np.intersect1d(mols.qm9_index[train], mols.qm9_index[evaluated])
+    shared = shared[shared >= 0]
+    if len(shared):
+        raise IrrepscopeError(f"{len(shared)} molecules (by qm9_index) are in both --molecules and --train-molecules")
+
+
 def analyze_nequip(
     model_path: str | Path,
     molecules: str | Path,
@@ -152,7 +161,6 @@ def analyze_nequip(
     :func:`analyze_model`'s.
     """
     from irrepscope.analysis.nequip_model import NequIPModel
-    from irrepscope.data.qm9 import PROPERTIES
     from irrepscope.data.xyz import FILE_ENERGY, read_labelled
     from irrepscope.report.analysis import write_analysis
 
@@ -163,7 +171,7 @@ def analyze_nequip(
             raise IrrepscopeError("--train-molecules is for a structure file; a run brings its own training split")
         run = RunDir.at(molecules).require()
         config = run.load_config()
-        if PROPERTIES[config.data.target][0] != "eV":
+        if unit_of(config.data.target) != "eV":
             raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
         if not run.split.is_file():
             raise IrrepscopeError(f"{run.root} has no split.json")
@@ -177,7 +185,10 @@ def analyze_nequip(
                 f"analysing on the structure file {molecules} needs --train-molecules FILE (the molecules the model was "
                 "trained on: the composition baseline and the probes are fitted on them)"
             )
+        if Path(train_molecules).resolve() == Path(molecules).resolve():
+            raise IrrepscopeError("--molecules and --train-molecules are the same file: the probes would see the analysed molecules")
         mols, (train, evaluated) = read_labelled([train_molecules, molecules], energy_key)
+        _check_disjoint(mols, train, evaluated)
         indices = split_indices({"test": evaluated}, "test", max_molecules, seed, molecules)
         split, target, source = Path(molecules).name, FILE_ENERGY, str(molecules)
     with torch.inference_mode(False):

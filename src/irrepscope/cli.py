@@ -87,11 +87,11 @@ def train(config_path: str | None, out: str | None, resume_dir: str | None, over
         if not config_path or not out:
             raise IrrepscopeError("train needs CONFIG_PATH and --out RUN_DIR (or --resume RUN_DIR)")
         test = trainer.train(load_config(config_path, overrides), out, progress=not quiet)
-    vector = "vector_mae" in test  # a vector or tensor target: errors per component, and of the whole vector
+    vector = "component_mae" in test  # a vector or tensor target: the error of a molecule is its error vector's length
     click.echo(
-        f"test MAE {test['mae_ev']:.4f} {test['unit']}{' per component' if vector else ''}, "
+        f"test MAE {test['mae_ev']:.4f} {test['unit']}{' (length of the error vector)' if vector else ''}, "
         f"RMSE {test['rmse_ev']:.4f} {test['unit']} over {test['n']} molecules; "
-        + (f"vector error {test['vector_mae']:.4f}, length error {test['norm_mae']:.4f}; zero baseline " if vector else
+        + (f"per component {test['component_mae']:.4f}, length error {test['norm_mae']:.4f}; zero baseline " if vector else
            "composition baseline on the same molecules: ")
         + f"MAE {test['baseline_mae_ev']:.4f} {test['unit']}"
     )

@@ -111,7 +111,7 @@ class DataConfig:
         from irrepscope.data.multipoles import EQUIVARIANT_TARGETS, is_equivariant
         from irrepscope.data.qm9 import PROPERTIES
 
-        if self.target not in PROPERTIES and not is_equivariant(self.target):
+        if not isinstance(self.target, str) or (self.target not in PROPERTIES and not is_equivariant(self.target)):
             known = sorted(PROPERTIES) + sorted(EQUIVARIANT_TARGETS)
             raise IrrepscopeError(f"data.target {shorten(self.target)} is unknown; choose one of {known}")
         if self.graph not in GRAPHS:

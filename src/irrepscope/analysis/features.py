@@ -135,7 +135,8 @@ def collect(
                     if g_by is not None:
                         # [N, H] per output component: <g_u, x_u> per copy
                         dots = [(g[l] * x_by[l]).sum(-1).double() for g in g_by]
-                        gxi[b, j] += sum(float(d.abs().sum()) for d in dots)
+                        # |<g, x>| per atom and copy; for a vector output the length over components (invariant)
+                        gxi[b, j] += float(torch.linalg.vector_norm(torch.stack(dots), dim=0).sum())
                         if model.linear_in_features:
                             per_mol = torch.stack(
                                 [torch.zeros(g_count, dtype=d.dtype, device=d.device).index_add(0, batch.atom_graph, d.sum(-1))

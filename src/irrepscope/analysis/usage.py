@@ -67,7 +67,8 @@ def invariant(values: np.ndarray) -> np.ndarray:
 
 
 def mae(prediction: np.ndarray, target: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(prediction) - np.asarray(target))))
+    """Mean absolute error; for vectors and tensors ``[M, k]`` the mean length of the error vector (rotation invariant)."""
+    return float(np.mean(invariant(np.abs(np.asarray(prediction) - np.asarray(target)))))
 
 
 def verdict(delta_mae: float, model_mae: float, threshold: float = THRESHOLD) -> str:

@@ -54,7 +54,7 @@ def is_extensive(target: str) -> bool:
 def element_counts(mols: Molecules, indices: np.ndarray) -> np.ndarray:
     """Counts of H, C, N, O, F in each of ``mols[indices]``: float64 [M, 5]."""
     indices = np.asarray(indices, dtype=np.int64)
-    column = np.full(int(mols.atomic_numbers.max()) + 1, -1)
+    column = np.full(max(int(mols.atomic_numbers.max()), max(ELEMENTS)) + 1, -1)
     column[list(ELEMENTS)] = np.arange(len(ELEMENTS))
     cols = column[mols.atomic_numbers]
     if np.any(cols < 0):
@@ -119,7 +119,7 @@ def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndar
     """
     indices = np.asarray(indices, dtype=np.int64)
     if is_equivariant(target):
-        err = -mols.properties[target][indices]
+        err = np.linalg.norm(mols.properties[target][indices], axis=1)  # the zero vector's error: the target's length
     else:
         err = fit_composition(mols, train_indices, target).predict(mols, indices) - mols.properties[target][indices]
     return {"baseline_mae_ev": float(np.mean(np.abs(err))), "baseline_rmse_ev": float(np.sqrt(np.mean(err**2)))}

@@ -14,12 +14,16 @@ import numpy as np
 from ase import Atoms
 
 from irrepscope.atomic import atomic_write
+from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.qm9 import Molecules
 from irrepscope.data.split import SPLIT_NAMES
+from irrepscope.errors import IrrepscopeError
 
 
 def write_extxyz(mols: Molecules, indices: np.ndarray, path: str | Path, target: str) -> Path:
     """Write ``mols[indices]`` with ``target`` as each frame's ``energy`` to ``path`` (atomically)."""
+    if is_equivariant(target):
+        raise IrrepscopeError(f"export writes a scalar energy per frame; {target} is a vector/tensor target")
     import ase.io
 
     frames = []

@@ -77,7 +77,10 @@ def read_labelled(paths: Sequence[str | os.PathLike], energy_key: str = "energy"
             z_all.append(atoms.get_atomic_numbers().astype(np.int64))
             pos_all.append(atoms.get_positions().astype(np.float64))
             ptr.append(ptr[-1] + len(atoms))
-            qm9.append(int(atoms.info.get("qm9_index", -1)))
+            try:
+                qm9.append(int(atoms.info.get("qm9_index", -1)))
+            except (TypeError, ValueError):
+                raise IrrepscopeError(f"{path}, molecule {k}: qm9_index is not an integer") from None
             owners.append(f)
     m, n_atoms = len(energies), ptr[-1]
     mols = Molecules(

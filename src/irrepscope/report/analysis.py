@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from irrepscope.analysis.usage import FIELDS  # noqa: E402
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from irrepscope.data.multipoles import target_order  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 
 MEASURES = [
@@ -145,6 +146,14 @@ def summary_text(result: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _readout_note(result: dict[str, Any]) -> str:
+    """What the last block can feed, stated for our model (whose readout is linear in one order)."""
+    if result.get("family", "irrepscope") != "irrepscope":
+        return ""
+    l = target_order(result["target"])
+    return f"The readout reads only l = {l}, so zeroing any other order at the last block has no effect by construction."
+
+
 def _table(rows: list[dict[str, Any]], fields: list[str]) -> str:
     head = "".join(f"<th>{html.escape(f)}</th>" for f in fields)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(f)))}</td>" for f in fields) + "</tr>" for r in rows)
@@ -199,7 +208,7 @@ on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_inp
 of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
 <b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE on the molecules it was
 measured on (all-blocks rows: the {result['ablation_molecules']} ablation molecules).
-The readout reads only l = 0, so zeroing l &gt; 0 at the last block has no effect by construction.</p>
+{_readout_note(result)}</p>
 {_table(result['rows'], FIELDS)}
 {''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('usage.png', 'paths.png'))}
 <h2>Latent space</h2>

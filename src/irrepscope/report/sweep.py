@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from irrepscope.atomic import atomic_write, atomic_write_text  # noqa: E402
-from irrepscope.data.composition import unit_of  # noqa: E402
+from irrepscope.data.composition import baseline_name, unit_of  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 from irrepscope.sweeps.spec import Sweep  # noqa: E402
 from irrepscope.sweeps.summary import (  # noqa: E402
@@ -40,7 +40,7 @@ def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
             ax.errorbar(r[x_key], r["mae_mean"], yerr=std, fmt="o", capsize=4, label=r["variant"])
             ax.annotate(f"[{r['orders'].replace(' ', ',')}]", (r[x_key], r["mae_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         base = np.mean([r["baseline_mean"] for r in summary])
-        ax.axhline(base, color="grey", ls="--", lw=1, label=f"composition baseline ({base:.3g} eV)")
+        ax.axhline(base, color="grey", ls="--", lw=1, label=f"{baseline_name(target)} ({base:.3g} {unit_of(target)})")
         ax.set_xlabel(label)
         ax.set_ylabel(f"test MAE of {target} ({unit_of(target)})")
         ax.grid(alpha=0.3)

@@ -62,7 +62,7 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                 "params": test["params"],
                 "epochs": len(metrics),
                 "train_seconds": round(sum(float(r["epoch_seconds"]) for r in metrics), 1),
-                "device": run.load_config().train.device,  # as recorded: a resumed or moved run keeps its own
+                "device": _devices(metrics, run.load_config().train.device),
                 "reference": test.get("reference", "none"),
                 "test_mae_ev": test["mae_ev"],
                 "test_rmse_ev": test["rmse_ev"],
@@ -73,6 +73,11 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _devices(metrics: list[dict[str, Any]], recorded: str) -> str:
+    """Where a run's epochs ran (its metrics rows; rows written before they said so: the recorded config's)."""
+    return "+".join(sorted({r.get("device") or recorded for r in metrics})) or recorded
 
 
 def _baseline(run: RunDir, target: str) -> dict[str, float]:

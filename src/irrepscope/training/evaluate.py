@@ -77,35 +77,38 @@ def predict(
     model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
 ) -> np.ndarray:
     """Predictions (target unit) for ``mols[indices]``, in the order given."""
-    out = [o.prediction.double().cpu().numpy() for o in _outputs(model, mols, indices, config, batch_size)]
-    return np.concatenate(out) if out else np.zeros(0)
+    return predict_all(model, mols, indices, config, batch_size)[0]
 
 
-def predict_auxiliary(
+def predict_all(
     model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
-) -> dict[str, np.ndarray]:
-    """The auxiliary heads' predictions (their targets' units) for ``mols[indices]``."""
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """In one pass: the predictions and the auxiliary heads' predictions (their targets' units) for ``mols[indices]``."""
+    main: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in model.auxiliary_heads}
     for o in _outputs(model, mols, indices, config, batch_size):
+        main.append(o.prediction.double().cpu().numpy())
         for name, value in model.auxiliary_predictions(o).items():
             parts[name].append(value.double().cpu().numpy())
-    return {name: np.concatenate(v) for name, v in parts.items()}
+    return (np.concatenate(main) if main else np.zeros(0)), {name: np.concatenate(v) for name, v in parts.items()}
 
 
 def regression_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float | int]:
     """MAE and RMSE (in the target's unit) and the number of molecules.
 
-    For a vector or tensor target ``[M, k]``: ``mae_ev``/``rmse_ev`` are per component;
-    ``vector_mae`` is the mean length of the error vector and ``norm_mae`` the mean error
-    of the predicted length (both in the target's unit, rotation invariant).
+    For a vector or tensor target ``[M, k]`` the error of a molecule is the length of its
+    error vector (rotation invariant, unlike per-component errors): ``mae_ev``/``rmse_ev``
+    are its mean and RMS; ``component_mae`` is the mean absolute error per component and
+    ``norm_mae`` the mean error of the predicted length.
     """
     if len(target) == 0:
         raise IrrepscopeError("cannot evaluate on an empty set of molecules")
     prediction, target = np.asarray(prediction, dtype=float), np.asarray(target, dtype=float)
     err = prediction - target
-    out = {"mae_ev": float(np.mean(np.abs(err))), "rmse_ev": float(math.sqrt(np.mean(err**2))), "n": int(len(err))}
+    size = np.linalg.norm(err, axis=1) if err.ndim == 2 else np.abs(err)
+    out = {"mae_ev": float(np.mean(size)), "rmse_ev": float(math.sqrt(np.mean(size**2))), "n": int(len(err))}
     if err.ndim == 2:
-        out["vector_mae"] = float(np.mean(np.linalg.norm(err, axis=1)))
+        out["component_mae"] = float(np.mean(np.abs(err)))
         out["norm_mae"] = float(np.mean(np.abs(np.linalg.norm(prediction, axis=1) - np.linalg.norm(target, axis=1))))
     return out
 
@@ -120,11 +123,11 @@ def evaluate_run(
         mols = load_qm9(config.data.cache_dir, progress=False)
     splits = load_split(run.split)
     indices = splits[split]
-    pred = predict(model, mols, indices, config)
+    pred, aux_pred = predict_all(model, mols, indices, config)
     target = mols.properties[config.data.target][indices]
     metrics = {**regression_metrics(pred, target), **baseline_errors(mols, splits["train"], indices, config.data.target)}
     auxiliary = {}
-    for name, value in predict_auxiliary(model, mols, indices, config).items():
+    for name, value in aux_pred.items():
         aux = {**regression_metrics(value, mols.properties[name][indices]), **baseline_errors(mols, splits["train"], indices, name)}
         auxiliary[name] = {**aux, "unit": unit_of(name)}
     return {

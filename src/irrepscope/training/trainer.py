@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
 from irrepscope.config import Config, recipe_differences
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import baseline_errors, fit_composition, unit_of
+from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, unit_of
 from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split, random_split, save_split
@@ -87,6 +87,16 @@ def check_resumable(saved: Config, given: Config, done_epochs: int, where: Path)
         )
 
 
+def _rms(values: np.ndarray) -> float:
+    """One scale for all components of a vector or tensor target (a per-component scale would break equivariance)."""
+    return float(np.sqrt(np.mean(np.asarray(values) ** 2)))
+
+
+def init_source(train: Any) -> str:
+    """``train.init_from`` with ``{seed}`` replaced by ``train.seed``."""
+    return train.init_from.replace("{seed}", str(train.seed))
+
+
 TRUNK = ("embedding.", "blocks.")  # what fine-tuning takes from another run: everything before the heads
 
 
@@ -96,7 +106,7 @@ def init_trunk(model: EquivariantGraphConv, config: Config, split: dict[str, np.
     The source must have the same trunk, and must not have trained on this run's test
     molecules (that would leak them into the fine-tuned model's test error).
     """
-    source = RunDir.at(config.train.init_from.format(seed=config.train.seed))
+    source = RunDir.at(init_source(config.train))
     if not source.checkpoint("best").is_file():
         raise IrrepscopeError(f"train.init_from: {source.root} has no checkpoints/best.pt (train it first)")
     state = load_checkpoint(source.checkpoint("best"))
@@ -106,13 +116,16 @@ def init_trunk(model: EquivariantGraphConv, config: Config, split: dict[str, np.
     differ = [k for k in keys if getattr(theirs.model, k) != getattr(config.model, k)]
     if differ:
         raise IrrepscopeError(f"train.init_from: {source.root}'s model differs in {', '.join('model.' + k for k in differ)}")
-    if source.split.is_file():
-        leaked = np.intersect1d(load_split(source.split)["train"], split["test"])
-        if len(leaked):
-            raise IrrepscopeError(
-                f"train.init_from: {source.root} trained on {len(leaked)} of this run's test molecules; "
-                "use the same data.limit and train.seed (the same split)"
-            )
+    if not source.split.is_file():
+        raise IrrepscopeError(f"train.init_from: {source.root} has no split.json, so its molecules cannot be checked")
+    theirs_split = load_split(source.split)
+    # Its training molecules shaped the trunk and its validation molecules chose best.pt.
+    leaked = np.intersect1d(np.concatenate([theirs_split["train"], theirs_split["val"]]), split["test"])
+    if len(leaked):
+        raise IrrepscopeError(
+            f"train.init_from: {source.root} trained on or validated with {len(leaked)} of this run's test molecules; "
+            "use the same data.limit and train.seed (the same split)"
+        )
     # Loaded part by part: a partial load of the whole model would run its load hooks (which
     # fill a missing per-element reference with zeros) over this run's fresh statistics.
     for part in TRUNK:
@@ -170,27 +183,28 @@ class Trainer:
     def _fresh(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
         cfg = self.config
         split = random_split(len(self.mols), tuple(cfg.data.split), seed=cfg.train.seed, limit=cfg.data.limit)
-        self.run.root.mkdir(parents=True, exist_ok=True)
-        self.run.write_config(cfg)
-        save_split(self.run.split, split, {"seed": cfg.train.seed, "fractions": cfg.data.split, "limit": cfg.data.limit})
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, cfg.data.target, cfg.data.auxiliary)
         y = self.mols.properties[cfg.data.target][split["train"]]
         if is_equivariant(cfg.data.target):
             # No shift and one scale for all components (the RMS): anything else breaks equivariance.
-            model.set_target_stats(0.0, float(np.sqrt(np.mean(y**2))))
-            atomic_write_json(self.run.composition, {"reference": "none", "target": cfg.data.target, "baseline": "zero"})
+            model.set_target_stats(0.0, _rms(y))
+            composition = {"reference": "none", "target": cfg.data.target, "baseline": baseline_name(cfg.data.target)}
         else:
             fit = fit_composition(self.mols, split["train"], cfg.data.target)
             if cfg.data.reference == "per_element":
                 model.set_element_reference(torch.from_numpy(fit.reference_vector(cfg.model.num_elements)))
                 y = y - fit.predict(self.mols, split["train"])
-            atomic_write_json(self.run.composition, {"reference": cfg.data.reference, **fit.to_json()})
+            composition = {"reference": cfg.data.reference, **fit.to_json()}
             model.set_target_stats(float(y.mean()), float(y.std()))
         for k, name in enumerate(cfg.data.auxiliary):  # vectors/tensors: one RMS scale, no shift
-            model.auxiliary_std[k] = float(np.sqrt(np.mean(self.mols.properties[name][split["train"]] ** 2)))
+            model.auxiliary_std[k] = _rms(self.mols.properties[name][split["train"]])
         if cfg.train.init_from is not None:
-            init_trunk(model, cfg, split)
+            init_trunk(model, cfg, split)  # may refuse: before anything is written
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        self.run.write_config(cfg)
+        save_split(self.run.split, split, {"seed": cfg.train.seed, "fractions": cfg.data.split, "limit": cfg.data.limit})
+        atomic_write_json(self.run.composition, composition)
         model.to(self.device, self.dtype)
         self.run.write_metrics([])
         progress = {"epoch": 0, "best_val_mae": math.inf, "best_epoch": 0, "plateau_scale": 1.0, "plateau_since": 0}
@@ -261,13 +275,14 @@ class Trainer:
                     "lr": f"{opt.param_groups[0]['lr']:.3g}",
                     "epoch_seconds": f"{seconds:.2f}",
                     "molecules_per_s": f"{n_mol / seconds:.1f}",
+                    "device": self.device.type,  # where this epoch ran (a resume may move a run)
                 }
             )
             if after_validation(progress, val["mae_ev"], done, cfg):
                 self._save(self.run.checkpoint("best"), model, ema, opt, progress, rows)
             self._save(self.run.checkpoint("last"), model, ema, opt, progress, rows)
             self.run.write_metrics(rows)
-            what = "zero baseline" if is_equivariant(cfg.data.target) else "composition baseline"
+            what = baseline_name(cfg.data.target)
             tqdm.write(
                 f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  val MAE {_milli(val['mae_ev'], unit)} "
                 f"({what} {_milli(baseline_val, unit)})  ({n_mol / seconds:.0f} mol/s)"
