@@ -49,10 +49,10 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Describe the model a config builds: parameters, orders, irreps, paths."""
-    from irrepscope.model.network import build_model
+    from irrepscope.model.network import build_run_model
 
     config = load_config(config_path, overrides)
-    model = build_model(config.model, config.data.target, config.data.auxiliary)
+    model = build_run_model(config)
     summary = {
         "params": model.num_parameters(),
         "orders": config.model.orders,

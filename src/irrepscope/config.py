@@ -133,18 +133,15 @@ class DataConfig:
                 )
         if len(set(self.auxiliary)) != len(self.auxiliary) or self.target in self.auxiliary:
             raise IrrepscopeError(f"data.auxiliary {self.auxiliary} repeats a target (or data.target {self.target})")
-        if self.reference == "per_element" and is_equivariant(self.target):
-            raise IrrepscopeError(
-                f"data.reference: per_element makes no sense for the vector/tensor target {self.target!r} "
-                "(a per-element constant cannot point anywhere); use none"
-            )
         if self.reference == "auto":
             self.reference = "per_element" if is_extensive(self.target) else "none"
         elif self.reference == "per_element" and not is_extensive(self.target):
-            raise IrrepscopeError(
-                f"data.reference: per_element makes no sense for the intensive target {self.target!r} "
-                "(it does not grow with the number of atoms); use none"
+            kind, why = (
+                ("vector/tensor", "a per-element constant cannot point anywhere")
+                if is_equivariant(self.target)
+                else ("intensive", "it does not grow with the number of atoms")
             )
+            raise IrrepscopeError(f"data.reference: per_element makes no sense for the {kind} target {self.target!r} ({why}); use none")
 
 
 @dataclass

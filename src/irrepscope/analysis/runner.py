@@ -18,8 +18,7 @@ from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
-from irrepscope.data.composition import baseline_errors, baseline_name, unit_of
-from irrepscope.data.multipoles import is_equivariant
+from irrepscope.data.composition import baseline_errors, baseline_name, baseline_rule, unit_of
 from irrepscope.data.qm9 import Molecules
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
@@ -168,12 +167,8 @@ def analyze_model(
         "mae_ratio_to_baseline": ratio,
         "beats_baseline": bool(ratio <= usage.LEARNED_RATIO),
         "baseline_name": baseline_name(target),
-        "baseline_rule": (
-            "zero baseline: the zero vector, what any function of the composition must predict; "
-            if is_equivariant(target)
-            else "composition baseline: least squares on element counts, training split only; "
-        )
-        + f"the model has learned beyond composition when its MAE <= {usage.LEARNED_RATIO} x the baseline's",
+        "baseline_rule": f"{baseline_rule(target)}; "
+        f"the model has learned beyond composition when its MAE <= {usage.LEARNED_RATIO} x the baseline's",
         "orders": list(model.orders),
         "analysed_orders": orders,
         "unused_orders": unused,

@@ -111,6 +111,16 @@ def baseline_name(target: str) -> str:
     return "zero baseline" if is_equivariant(target) else "composition baseline"
 
 
+def baseline_rule(target: str) -> str:
+    """What the baseline of ``target`` is, in one line (usage.json's ``baseline_rule`` starts with it)."""
+    what = (
+        "the zero vector, what any function of the composition must predict"
+        if is_equivariant(target)
+        else "least squares on element counts, training split only"
+    )
+    return f"{baseline_name(target)}: {what}"
+
+
 def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
     """MAE and RMSE (target unit) on ``mols[indices]`` of the composition fit on ``mols[train_indices]``: the baseline.
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from e3nn import o3
 
-from irrepscope.config import ModelConfig
+from irrepscope.config import Config, ModelConfig
 from irrepscope.model.interaction import EdgeGeometry, InteractionBlock
 from irrepscope.model.radial import bessel_basis
 from irrepscope.orders import hidden_irreps
@@ -194,3 +194,8 @@ def build_model(config: ModelConfig, target: str = "U0_atomization", auxiliary: 
     from irrepscope.data.multipoles import target_irreps
 
     return EquivariantGraphConv(config, target_irreps(target), {name: target_irreps(name) for name in auxiliary})
+
+
+def build_run_model(config: Config) -> EquivariantGraphConv:
+    """The model of a run's whole config: its architecture, target and auxiliary heads."""
+    return build_model(config.model, config.data.target, config.data.auxiliary)

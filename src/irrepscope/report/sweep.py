@@ -31,8 +31,8 @@ from irrepscope.sweeps.summary import (  # noqa: E402
 def error_bar_figure(summary: list[dict[str, Any]]) -> plt.Figure:
     """Test MAE (mean ± std over seeds) against parameters and against training time."""
     # One target per figure (errors of different targets have different units): the first configuration's.
-    target = summary[0].get("target", "U0_atomization")
-    summary = [r for r in summary if r.get("target", "U0_atomization") == target]
+    target = summary[0]["target"]
+    summary = [r for r in summary if r["target"] == target]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for x_key, ax, label in (("params", axes[0], "parameters"), ("train_seconds_mean", axes[1], "training time per run (s)")):
         for r in summary:

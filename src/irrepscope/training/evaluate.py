@@ -15,7 +15,7 @@ from irrepscope.data.composition import baseline_errors, unit_of
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
-from irrepscope.model.network import EquivariantGraphConv, build_model
+from irrepscope.model.network import EquivariantGraphConv, build_run_model
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint
 
 
@@ -44,7 +44,7 @@ def model_from_checkpoint(
     config = checkpoint_config(state, path)
     if backend is not None:
         config.model.backend = backend
-    model = build_model(config.model, config.data.target, config.data.auxiliary)
+    model = build_run_model(config)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
-from irrepscope.config import Config, recipe_differences
+from irrepscope.config import Config, TrainConfig, recipe_differences
 from irrepscope.data.batching import iterate_batches
 from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, unit_of
 from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.qm9 import Molecules, load_qm9
 from irrepscope.data.split import load_split, random_split, save_split
 from irrepscope.errors import IrrepscopeError
-from irrepscope.model.network import EquivariantGraphConv, build_model
+from irrepscope.model.network import EquivariantGraphConv, build_run_model
 from irrepscope.training.evaluate import evaluate_run, predict, regression_metrics, resolve_device, torch_dtype
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
 
@@ -92,7 +92,7 @@ def _rms(values: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.asarray(values) ** 2)))
 
 
-def init_source(train: Any) -> str:
+def init_source(train: TrainConfig) -> str:
     """``train.init_from`` with ``{seed}`` replaced by ``train.seed``."""
     return train.init_from.replace("{seed}", str(train.seed))
 
@@ -184,7 +184,7 @@ class Trainer:
         cfg = self.config
         split = random_split(len(self.mols), tuple(cfg.data.split), seed=cfg.train.seed, limit=cfg.data.limit)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, cfg.data.target, cfg.data.auxiliary)
+        model = build_run_model(cfg)
         y = self.mols.properties[cfg.data.target][split["train"]]
         if is_equivariant(cfg.data.target):
             # No shift and one scale for all components (the RMS): anything else breaks equivariance.
@@ -219,7 +219,7 @@ class Trainer:
                 raise IrrepscopeError(f"cannot resume {self.run.root}: its last.pt has no {key!r} (not a training checkpoint)")
         saved = checkpoint_config(state, self.run.checkpoint("last"))
         check_resumable(saved, self.config, state["epoch"], self.run.root)
-        model = build_model(self.config.model, self.config.data.target, self.config.data.auxiliary)
+        model = build_run_model(self.config)
         # With an EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw ones.
         model.load_state_dict(state.get("train_model", state["model"]))
         model.to(self.device, self.dtype)
@@ -247,7 +247,7 @@ class Trainer:
         model, opt, progress = self._resumed() if resume else self._fresh()
         ema = None
         if cfg.train.ema_decay is not None:
-            twin = build_model(cfg.model, cfg.data.target, cfg.data.auxiliary).to(self.device, self.dtype)
+            twin = build_run_model(cfg).to(self.device, self.dtype)
             ema = WeightEMA(model, twin, cfg.train.ema_decay)
             if "ema" in progress:
                 averaged, ema.n_averaged = progress.pop("ema")
