@@ -43,14 +43,14 @@ def time_cache() -> tuple[float, float]:
 
 
 def time_batching(mols, n: int, batch_size: int) -> float:
-    """Molecules/s of shuffled batching of the first ``n`` molecules."""
+    """Structures/s of shuffled batching of the first ``n`` molecules."""
     start = time.perf_counter()
     count = sum(b.num_graphs for b in iterate_batches(mols, np.arange(n), batch_size, shuffle=True, seed=0, target=TARGET))
     return count / (time.perf_counter() - start)
 
 
 def time_training(mols, orders: list[int], hidden: int, steps: int, batch_size: int) -> float:
-    """Molecules/s of ``steps`` training steps (after one warm-up step) on pre-built shuffled batches."""
+    """Structures/s of ``steps`` training steps (after one warm-up step) on pre-built shuffled batches."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(orders=orders, hidden_mul=hidden))
     model.set_target_stats(TARGET_MEAN, TARGET_STD)

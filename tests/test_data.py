@@ -13,7 +13,6 @@ from rdkit import Chem, RDLogger
 
 from irrepscope.data import (
     PROPERTIES,
-    batch_from_structures,
     check_elements,
     collate,
     covalent_bonds,
@@ -28,11 +27,12 @@ from irrepscope.data import (
     save_split,
 )
 from irrepscope.data import qm9 as qm9_module
+from irrepscope.data.structures import Structures
 from irrepscope.errors import IrrepscopeError
 
 
 def by_qm9_index(mols, index):
-    return int(np.searchsorted(mols.qm9_index, index))
+    return int(np.searchsorted(mols.properties["qm9_index"], index))
 
 
 def find_smiles(mols, smiles):
@@ -40,7 +40,7 @@ def find_smiles(mols, smiles):
     canonical = Chem.CanonSmiles(smiles)
     n = Chem.AddHs(Chem.MolFromSmiles(smiles)).GetNumAtoms()
     for i in np.flatnonzero(np.diff(mols.atom_ptr) == n):
-        if Chem.CanonSmiles(mols.smiles[i]) == canonical:
+        if Chem.CanonSmiles(mols.properties["smiles"][i]) == canonical:
             return int(i)
     raise AssertionError(f"{smiles} not in QM9")
 
@@ -50,13 +50,14 @@ def find_smiles(mols, smiles):
 
 def test_size_order_and_properties(qm9):
     assert len(qm9) == 130_831
-    assert qm9.qm9_index[0] == 1 and qm9.qm9_index[-1] == 133_885
-    assert np.all(np.diff(qm9.qm9_index) > 0)
+    assert qm9.properties["qm9_index"][0] == 1 and qm9.properties["qm9_index"][-1] == 133_885
+    assert np.all(np.diff(qm9.properties["qm9_index"]) > 0)
     assert set(np.unique(qm9.atomic_numbers)) == {1, 6, 7, 8, 9}
-    assert set(qm9.properties) == set(PROPERTIES) | {"charge_dipole", "charge_quadrupole"}
+    assert set(qm9.properties) == set(PROPERTIES) | {"charge_dipole", "charge_quadrupole", "qm9_index", "smiles", "polarizability_tensor"}
+    assert set(qm9.atom_properties) == {"mulliken"} and qm9.cell is None and not qm9.periodic.any()
     assert all(qm9.properties[k].dtype == np.float64 and qm9.properties[k].shape == (len(qm9),) for k in PROPERTIES)
     assert qm9.properties["charge_dipole"].shape == (len(qm9), 3) and qm9.properties["charge_quadrupole"].shape == (len(qm9), 5)
-    assert qm9.bonds.dtype == np.int64 and np.all(qm9.bonds[:, 0] < qm9.bonds[:, 1])
+    assert qm9.bond_graph()[0].dtype == np.int64 and np.all(qm9.bond_graph()[0][:, 0] < qm9.bond_graph()[0][:, 1])
     # The brief's standardisation constants for the U0 atomization energy.
     assert qm9.properties["U0_atomization"].mean() == pytest.approx(-76.12, abs=0.01)
     assert qm9.properties["U0_atomization"].std() == pytest.approx(10.32, abs=0.01)
@@ -64,20 +65,20 @@ def test_size_order_and_properties(qm9):
 
 def test_methane(qm9):
     i = by_qm9_index(qm9, 1)
-    z, pos = qm9.molecule(i)
+    z, pos = qm9.structure(i)
     assert list(z) == [6, 1, 1, 1, 1] and pos.shape == (5, 3)
     assert qm9.properties["U0_atomization"][i] == pytest.approx(-17.17, abs=0.01)
     assert qm9.properties["U0"][i] == pytest.approx(-40.47893 * 27.211386, abs=1e-6)
-    assert qm9.smiles[i] == "C"
-    assert len(qm9.molecule_bonds(i)) == 4
+    assert qm9.properties["smiles"][i] == "C"
+    assert len(qm9.structure_bonds(i)) == 4
 
 
 @pytest.mark.parametrize(("smiles", "bonds"), [("O", 2), ("N", 3), ("OCC", 8), ("c1ccccc1", 12), ("CC(C)=O", 9)])
 def test_known_bond_counts(qm9, smiles, bonds):
     i = find_smiles(qm9, smiles)
-    assert len(qm9.molecule_bonds(i)) == bonds
-    z, pos = qm9.molecule(i)
-    np.testing.assert_array_equal(covalent_bonds(z, pos), qm9.molecule_bonds(i))
+    assert len(qm9.structure_bonds(i)) == bonds
+    z, pos = qm9.structure(i)
+    np.testing.assert_array_equal(covalent_bonds(z, pos), qm9.structure_bonds(i))
 
 
 def test_bond_counts_agree_with_rdkit(qm9):
@@ -85,23 +86,24 @@ def test_bond_counts_agree_with_rdkit(qm9):
     sample = np.random.default_rng(1).choice(len(qm9), 2000, replace=False)
     agree = 0
     for i in sample:
-        mol = Chem.AddHs(Chem.MolFromSmiles(qm9.smiles[i]))
-        agree += mol.GetNumBonds() == len(qm9.molecule_bonds(i))
+        mol = Chem.AddHs(Chem.MolFromSmiles(qm9.properties["smiles"][i]))
+        agree += mol.GetNumBonds() == len(qm9.structure_bonds(i))
     assert agree / len(sample) >= 0.99
 
 
 def test_subset_and_charge_dipole(qm9):
     idx = [5, 0, 100]
     sub = qm9.subset(idx)
-    assert len(sub) == 3 and list(sub.qm9_index) == list(qm9.qm9_index[idx])
+    assert len(sub) == 3 and list(sub.properties["qm9_index"]) == list(qm9.properties["qm9_index"][idx])
     for k, i in enumerate(idx):
-        np.testing.assert_array_equal(sub.molecule(k)[1], qm9.molecule(i)[1])
-        np.testing.assert_array_equal(sub.molecule_bonds(k), qm9.molecule_bonds(i))
+        np.testing.assert_array_equal(sub.structure(k)[1], qm9.structure(i)[1])
+        np.testing.assert_array_equal(sub.structure_bonds(k), qm9.structure_bonds(i))
         assert sub.properties["gap"][k] == qm9.properties["gap"][i]
     water = by_qm9_index(qm9, 3)
-    z, pos = qm9.molecule(water)
-    q = qm9.mulliken[qm9.atom_ptr[water] : qm9.atom_ptr[water + 1]]
-    np.testing.assert_allclose(qm9.charge_dipole(water), (q[:, None] * pos).sum(0))
+    z, pos = qm9.structure(water)
+    q = qm9.atom_properties["mulliken"][qm9.atom_ptr[water] : qm9.atom_ptr[water + 1]]
+    np.testing.assert_array_equal(qm9.atom_property("mulliken", water), q)
+    assert len(q) == len(z) == 3 and sub.atom_property("mulliken", 0).shape == (qm9.num_atoms(5),)
     with pytest.raises(IrrepscopeError):
         qm9.subset([len(qm9)])
 
@@ -117,7 +119,7 @@ def test_cache_is_reused(qm9, monkeypatch):
     again = load_qm9()  # how much faster than parsing: benchmarks/data.py
     assert len(again) == len(qm9)
     np.testing.assert_array_equal(again.positions, qm9.positions)
-    assert again.smiles == qm9.smiles
+    assert list(again.properties["smiles"]) == list(qm9.properties["smiles"])
 
 
 @pytest.fixture
@@ -141,11 +143,11 @@ def small_source(tmp_path):
 def test_small_source_parses_like_the_full_set(qm9, small_source, tmp_path):
     small = load_qm9(tmp_path / "cache", progress=False, source_dir=small_source)
     assert len(small) == 600
-    idx = np.searchsorted(qm9.qm9_index, small.qm9_index)
+    idx = np.searchsorted(qm9.properties["qm9_index"], small.properties["qm9_index"])
     full = qm9.subset(idx)
     np.testing.assert_array_equal(small.positions, full.positions)
-    np.testing.assert_array_equal(small.bonds, full.bonds)
-    np.testing.assert_array_equal(small.polarizability_tensor, full.polarizability_tensor)
+    np.testing.assert_array_equal(small.bond_graph()[0], full.bond_graph()[0])
+    np.testing.assert_array_equal(small.properties["polarizability_tensor"], full.properties["polarizability_tensor"])
     assert small.properties["U0_atomization"] == pytest.approx(full.properties["U0_atomization"])
 
 
@@ -266,12 +268,12 @@ def test_collate_bond_graph(qm9):
     assert batch.z.shape == (n,) and batch.pos.shape == (n, 3) and batch.batch.shape == (n,)
     assert batch.pos.dtype == torch.float32 and batch.z.dtype == torch.long
     assert batch.num_graphs == 6 and batch.mol_index.tolist() == idx.tolist()
-    assert len(batch.edge_src) == 2 * sum(len(qm9.molecule_bonds(i)) for i in idx)
+    assert len(batch.edge_src) == 2 * sum(len(qm9.structure_bonds(i)) for i in idx)
     np.testing.assert_allclose(batch.y.numpy(), qm9.properties["U0_atomization"][idx], rtol=1e-6)
     check_edges(batch)
     start = 0
     for k, i in enumerate(idx):
-        z, pos = qm9.molecule(i)
+        z, pos = qm9.structure(i)
         assert batch.z[start : start + len(z)].tolist() == z.tolist()
         assert torch.all(batch.batch[start : start + len(z)] == k)
         start += len(z)
@@ -298,7 +300,7 @@ def test_radius_graph_matches_brute_force(qm9, cutoff):
     check_edges(batch)
     expected = 0
     for i in idx:
-        _, pos = qm9.molecule(i)
+        _, pos = qm9.structure(i)
         d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
         expected += int(((d < cutoff) & ~np.eye(len(pos), dtype=bool)).sum())
     assert len(batch.edge_src) == expected
@@ -335,28 +337,29 @@ def test_batching_covers_a_large_shuffled_range(qm9):
     assert np.array_equal(np.sort(seen), indices)
 
 
-def test_batch_from_structures_matches_collate(qm9):
+def test_structures_from_arrays_match_qm9(qm9):
+    """Structures built from bare (z, pos) pairs perceive the same bonds and batch like QM9's own."""
     idx = [0, 13, 208]
-    structures = [tuple(np.array(a) for a in qm9.molecule(i)) for i in idx]
-    from_structures = batch_from_structures(structures)
+    structures = Structures.from_arrays([tuple(np.array(a) for a in qm9.structure(i)) for i in idx])
+    from_arrays = collate(structures, np.arange(3), None)
     from_dataset = collate(qm9, idx, None)
-    assert from_structures.y is None and from_structures.mol_index.tolist() == [0, 1, 2]
+    assert from_arrays.y is None and from_arrays.mol_index.tolist() == [0, 1, 2]
     for name in ("z", "pos", "batch", "edge_src", "edge_dst"):
-        assert torch.equal(getattr(from_structures, name), getattr(from_dataset, name))
+        assert torch.equal(getattr(from_arrays, name), getattr(from_dataset, name))
     with pytest.raises(IrrepscopeError):
-        batch_from_structures([])
+        Structures.from_arrays([])
 
 
 # --- structure files -----------------------------------------------------------------
 
 
 def test_read_structures(qm9, tmp_path):
-    frames = [ase.Atoms(numbers=z, positions=pos) for z, pos in (qm9.molecule(0), qm9.molecule(2))]
+    frames = [ase.Atoms(numbers=z, positions=pos) for z, pos in (qm9.structure(0), qm9.structure(2))]
     path = tmp_path / "mols.xyz"
     ase.io.write(path, frames)
     structures = read_structures(path)
     assert len(structures) == 2
-    for (z, pos), atoms in zip(structures, frames):
+    for (z, pos), atoms in zip((structures.structure(i) for i in range(len(structures))), frames):
         assert z.dtype == np.int64 and z.tolist() == atoms.numbers.tolist()
         np.testing.assert_allclose(pos, atoms.positions, atol=1e-7)
     ext = tmp_path / "mols.extxyz"

@@ -57,7 +57,7 @@ def test_targets_by_hand(qm9):
 
     i = 1234
     a, b = qm9.atom_ptr[i], qm9.atom_ptr[i + 1]
-    z, r, q = qm9.atomic_numbers[a:b], qm9.positions[a:b], qm9.mulliken[a:b]
+    z, r, q = qm9.atomic_numbers[a:b], qm9.positions[a:b], qm9.atom_properties["mulliken"][a:b]
     x = r - (atomic_masses[z][:, None] * r).sum(0) / atomic_masses[z].sum()
     np.testing.assert_allclose(centred_positions(qm9)[a:b], x, atol=1e-12)
     np.testing.assert_allclose(qm9.properties["charge_dipole"][i], (q[:, None] * x).sum(0), atol=1e-12)
@@ -272,21 +272,21 @@ def test_structure_files_without_fluorine_and_shared_molecules(tmp_path, qm9):
     from ase import Atoms
 
     from irrepscope.data.composition import element_counts
-    from irrepscope.data.xyz import read_labelled
+    from irrepscope.data.xyz import read_extxyz
 
     def write(path, indices):
         frames = []
         for i in indices:
-            z, pos = qm9.molecule(int(i))
+            z, pos = qm9.structure(int(i))
             atoms = Atoms(numbers=z, positions=pos)
             atoms.info.update(energy=float(qm9.properties["U0_atomization"][i]), qm9_index=int(i))
             frames.append(atoms)
         ase.io.write(path, frames, format="extxyz")
 
-    no_f = [i for i in range(50) if 9 not in qm9.molecule(i)[0]][:6]
+    no_f = [i for i in range(50) if 9 not in qm9.structure(i)[0]][:6]
     write(tmp_path / "a.extxyz", no_f[:4])
     write(tmp_path / "b.extxyz", no_f[3:])
-    mols, (a, b) = read_labelled([tmp_path / "a.extxyz", tmp_path / "b.extxyz"])
+    mols, (a, b) = read_extxyz([tmp_path / "a.extxyz", tmp_path / "b.extxyz"])
     assert int(mols.atomic_numbers.max()) <= 8
     np.testing.assert_array_equal(element_counts(mols, b), element_counts(qm9, np.asarray(no_f[3:])))
     from irrepscope.api import _check_disjoint

@@ -59,7 +59,8 @@ def test_export_writes_the_runs_split(irrepscope_run, split, checkpoint, qm9):
     data = checkpoint.parent.parent / "data"
     for name in ("train", "val", "test"):
         frames = ase.io.read(data / f"{name}.extxyz", index=":")
-        assert [f.info["qm9_index"] for f in frames] == split[name].tolist()
+        assert [f.info["index"] for f in frames] == split[name].tolist()
+        assert [f.info["qm9_index"] for f in frames] == qm9.properties["qm9_index"][split[name]].tolist()
         assert frames[0].get_potential_energy() == pytest.approx(qm9.properties["U0_atomization"][split[name][0]])
 
 

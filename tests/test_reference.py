@@ -52,7 +52,7 @@ def test_fit_matches_an_independent_least_squares_fit(qm9):
 
     rng = np.random.default_rng(1)
     train = np.sort(rng.choice(len(qm9), 3000, replace=False))
-    counts = np.array([[np.sum(qm9.molecule(i)[0] == z) for z in ELEMENTS] for i in train])  # a plain loop
+    counts = np.array([[np.sum(qm9.structure(i)[0] == z) for z in ELEMENTS] for i in train])  # a plain loop
     y = qm9.properties["U0_atomization"][train]
     ref = LinearRegression(fit_intercept=False).fit(counts, y)
     fit = fit_composition(qm9, train, "U0_atomization")
@@ -100,7 +100,7 @@ def test_per_element_predictions_agree_everywhere(per_element_run, qm9, tmp_path
     direct = predict(model, qm9, idx, config)
     # predict from an .xyz of the same molecules
     path = tmp_path / "same.xyz"
-    write(path, [Atoms(numbers=qm9.molecule(i)[0], positions=qm9.molecule(i)[1]) for i in idx])
+    write(path, [Atoms(numbers=qm9.structure(i)[0], positions=qm9.structure(i)[1]) for i in idx])
     from_file = [r["prediction"] for r in predict_file(run.root, path)]
     np.testing.assert_allclose(from_file, direct, rtol=1e-6)
     # the analysis sees the same predictions: its MAE on the test split is test.json's
@@ -115,7 +115,7 @@ def test_baseline_in_test_json_is_an_independent_fit_on_the_same_split(per_eleme
     run = RunDir.at(per_element_run)
     test = json.loads(run.test.read_text())
     split = load_split(run.split)
-    counts = lambda idx: np.array([[np.sum(qm9.molecule(i)[0] == z) for z in ELEMENTS] for i in idx])  # noqa: E731
+    counts = lambda idx: np.array([[np.sum(qm9.structure(i)[0] == z) for z in ELEMENTS] for i in idx])  # noqa: E731
     y = qm9.properties["U0_atomization"]
     fit = LinearRegression(fit_intercept=False).fit(counts(split["train"]), y[split["train"]])
     expected = np.mean(np.abs(fit.predict(counts(split["test"])) - y[split["test"]]))

@@ -31,7 +31,8 @@ from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
 from irrepscope.config import Config
 from irrepscope.data.composition import unit_of
-from irrepscope.data.qm9 import Molecules, load_qm9
+from irrepscope.data.sources import load_structures
+from irrepscope.data.structures import ENERGY, QM9_INDEX, Structures
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
@@ -43,13 +44,13 @@ from irrepscope.training.runs import RunDir
 
 @dataclass
 class Run:
-    """A trained run loaded for analysis: its model (evaluation mode), config, saved split and the QM9 data."""
+    """A trained run loaded for analysis: its model (evaluation mode), config, saved split and its structures."""
 
     root: Path
     model: EquivariantGraphConv
     config: Config
     split: dict[str, np.ndarray]
-    mols: Molecules
+    mols: Structures
     checkpoint: str = "best"
 
     def analysed(self) -> OwnModel:
@@ -57,15 +58,15 @@ class Run:
         return OwnModel(self.model, self.config.data.graph, self.config.model.cutoff)
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu", mols: Molecules | None = None) -> Run:
-    """Load a run directory's checkpoint, config and split (and QM9, unless ``mols`` is given)."""
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu", mols: Structures | None = None) -> Run:
+    """Load a run directory's checkpoint, config and split (and its structures, unless ``mols`` is given)."""
     run = RunDir.at(run_dir).require()
     model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint), resolve_device(device))
     if not run.split.is_file():
         raise IrrepscopeError(f"{run.root} has no split.json; the analysis needs the run's own split")
-    split = {k: np.asarray(v, dtype=np.int64) for k, v in load_split(run.split).items()}
     if mols is None:
-        mols = load_qm9(config.data.cache_dir, progress=False)
+        mols = load_structures(config.data)
+    split = {k: np.asarray(v, dtype=np.int64) for k, v in load_split(run.split, len(mols)).items()}
     return Run(run.root, model, config, split, mols, checkpoint)
 
 
@@ -128,9 +129,10 @@ def analyze_run(
     )
 
 
-def _check_disjoint(mols: Molecules, train: np.ndarray, evaluated: np.ndarray) -> None:
+def _check_disjoint(mols: Structures, train: np.ndarray, evaluated: np.ndarray) -> None:
     """Refuse analysed molecules that are also training molecules (by ``qm9_index``, where the files carry it)."""
-    shared = np.intersect1d(mols.qm9_index[train], mols.qm9_index[evaluated])
+    index = mols.properties[QM9_INDEX]
+    shared = np.intersect1d(index[train], index[evaluated])
     shared = shared[shared >= 0]
     if len(shared):
         raise IrrepscopeError(f"{len(shared)} molecules (by qm9_index) are in both --molecules and --train-molecules")
@@ -161,7 +163,7 @@ def analyze_nequip(
     :func:`analyze_model`'s.
     """
     from irrepscope.analysis.nequip_model import NequIPModel
-    from irrepscope.data.xyz import FILE_ENERGY, read_labelled
+    from irrepscope.data.xyz import read_extxyz
     from irrepscope.report.analysis import write_analysis
 
     t0 = time.perf_counter()
@@ -178,7 +180,7 @@ def analyze_nequip(
         splits = load_split(run.split)
         indices = split_indices(splits, split, max_molecules, seed, run.root)
         train, target, source = np.asarray(splits["train"], dtype=np.int64), config.data.target, str(run.root)
-        mols = load_qm9(config.data.cache_dir, progress=False)
+        mols = load_structures(config.data)
     else:
         if train_molecules is None:
             raise IrrepscopeError(
@@ -187,10 +189,10 @@ def analyze_nequip(
             )
         if Path(train_molecules).resolve() == Path(molecules).resolve():
             raise IrrepscopeError("--molecules and --train-molecules are the same file: the probes would see the analysed molecules")
-        mols, (train, evaluated) = read_labelled([train_molecules, molecules], energy_key)
+        mols, (train, evaluated) = read_extxyz([train_molecules, molecules], energy_key)
         _check_disjoint(mols, train, evaluated)
         indices = split_indices({"test": evaluated}, "test", max_molecules, seed, molecules)
-        split, target, source = Path(molecules).name, FILE_ENERGY, str(molecules)
+        split, target, source = Path(molecules).name, ENERGY, str(molecules)
     with torch.inference_mode(False):
         result = analyze_model(model, mols, indices, train, target=target, seed=seed, progress=progress, **options)
     result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": source, **result}

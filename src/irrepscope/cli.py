@@ -238,9 +238,9 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--max-molecules", type=int, default=None, callback=_count, help="Analyse a seeded random subset of N molecules of the split.")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
 @click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
-@click.option("--map-molecules", type=int, callback=_count, default=MAP_MOLECULES, show_default=True, help="Molecules drawn in the latent maps (seeded subset).")
+@click.option("--map-molecules", type=int, callback=_count, default=MAP_MOLECULES, show_default=True, help="Structures drawn in the latent maps (seeded subset).")
 @click.option("--probe-molecules", type=int, callback=_count, default=PROBE_MOLECULES, show_default=True, help="Training molecules the linear probes are fit on.")
-@click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Molecules (seeded subset) for the all-blocks ablation.")
+@click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Structures (seeded subset) for the all-blocks ablation.")
 @click.option("--threshold", type=float, default=THRESHOLD, callback=_finite_fraction, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--batch-size", type=int, default=256, callback=_count, show_default=True)
@@ -325,20 +325,21 @@ def export(run_dir: str | None, out: str, limit: int | None, seed: int, target: 
     """Write QM9 molecules as extxyz (train/val/test): a run's own split, or a seeded subset, for other codes."""
     from irrepscope.config import MAX_SEED, DataConfig
     from irrepscope.data.export import export_split
-    from irrepscope.data.qm9 import load_qm9
+    from irrepscope.data.sources import load_structures
     from irrepscope.data.split import load_split, random_split
     from irrepscope.training.runs import RunDir
 
     if run_dir is not None:
         run = RunDir.at(run_dir).require()
         config = run.load_config()
-        split, target, cache = load_split(run.split), config.data.target, config.data.cache_dir
+        mols = load_structures(config.data)
+        split, target = load_split(run.split, len(mols)), config.data.target
     else:
-        DataConfig(target=target, limit=limit).validate()
+        data = DataConfig(target=target, limit=limit)
+        data.validate()
         if not 0 <= seed <= MAX_SEED:
             raise IrrepscopeError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
-        split, cache = None, None
-    mols = load_qm9(cache, progress=False)
+        mols, split = load_structures(data), None
     if split is None:
         split = random_split(len(mols), (0.8, 0.1, 0.1), seed=seed, limit=limit)
     paths = export_split(mols, split, out, target)

@@ -34,9 +34,13 @@ SCHEDULES = ("none", "cosine", "plateau")
 # always fully resolved, so a key missing there means the run predates it.
 LEGACY_VALUES: dict[str, dict[str, Any]] = {
     "model": {"radial_envelope": "none"},
-    "data": {"reference": "none"},
-    "train": {"warmup_epochs": 0.0, "ema_decay": None, "plateau_patience": 2, "plateau_factor": 0.5},
-}
+    "data": {"reference": "none", "source": "qm9", "energy_key": "energy", "forces_key": "forces", "group_by": "auto"},
+    "train": {
+        "warmup_epochs": 0.0, "ema_decay": None, "plateau_patience": 2, "plateau_factor": 0.5,
+        "energy_weight": 1.0, "force_weight": 0.0,
+    },
+}  # fmt: skip
+GROUPINGS = ("auto", "structure", "qm9_index")
 
 
 @dataclass
@@ -94,6 +98,14 @@ class ModelConfig:
 class DataConfig:
     """Which data, target, graph and split."""
 
+    # qm9 (the qm9pack wheel), qm9_xtb (the shipped GFN2-xTB molecular dynamics set) or the path
+    # of a structure file (extxyz, ...; relative to the working directory) with energies and forces.
+    source: str = "qm9"
+    energy_key: str = "energy"  # structure files: the frames' energy (eV)
+    forces_key: str = "forces"  # structure files: the frames' per-atom forces (eV/Å), read where present
+    # What the split keeps together: auto = frames of one QM9 molecule (qm9_index) when a file
+    # has several molecules, else each structure; structure; qm9_index.
+    group_by: str = "auto"
     target: str = "U0_atomization"
     graph: str = "bond"  # covalent-bond graph (as published) or radius graph within model.cutoff
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
@@ -106,12 +118,29 @@ class DataConfig:
     # (charge_dipole, charge_quadrupole); data.target stays the one evaluated and analysed.
     auxiliary: list[str] = field(default_factory=list)
 
+    @property
+    def from_qm9(self) -> bool:
+        return self.source == "qm9"
+
     def validate(self) -> None:
         from irrepscope.data.composition import is_extensive
         from irrepscope.data.multipoles import EQUIVARIANT_TARGETS, is_equivariant
         from irrepscope.data.qm9 import PROPERTIES
+        from irrepscope.data.structures import ENERGY
 
-        if not isinstance(self.target, str) or (self.target not in PROPERTIES and not is_equivariant(self.target)):
+        for name in ("source", "energy_key", "forces_key"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise IrrepscopeError(f"data.{name} must be a non-empty string, got {shorten(value)}")
+        if self.group_by not in GROUPINGS:
+            raise IrrepscopeError(f"data.group_by must be one of {GROUPINGS}, got {shorten(self.group_by)}")
+        if not self.from_qm9:
+            if self.target != ENERGY:
+                raise IrrepscopeError(
+                    f"data.target must be {ENERGY!r} for the structures of data.source {shorten(self.source)} "
+                    f"(their energies, eV), got {shorten(self.target)}"
+                )
+        elif not isinstance(self.target, str) or (self.target not in PROPERTIES and not is_equivariant(self.target)):
             known = sorted(PROPERTIES) + sorted(EQUIVARIANT_TARGETS)
             raise IrrepscopeError(f"data.target {shorten(self.target)} is unknown; choose one of {known}")
         if self.graph not in GRAPHS:
@@ -131,6 +160,8 @@ class DataConfig:
                 raise IrrepscopeError(
                     f"data.auxiliary: {shorten(name)} is not a vector/tensor target; choose from {sorted(EQUIVARIANT_TARGETS)}"
                 )
+        if self.auxiliary and not self.from_qm9:
+            raise IrrepscopeError("data.auxiliary heads are QM9's charge multipoles: they need data.source: qm9")
         if len(set(self.auxiliary)) != len(self.auxiliary) or self.target in self.auxiliary:
             raise IrrepscopeError(f"data.auxiliary {self.auxiliary} repeats a target (or data.target {self.target})")
         if self.reference == "auto":
@@ -166,6 +197,10 @@ class TrainConfig:
     eval_batch_size: int = 128
     max_train_batches: int | None = None  # cap on batches per epoch (quick experiments)
     auxiliary_weight: float = 1.0  # weight of each data.auxiliary head's standardised MSE (the target's is 1)
+    # Force fields: loss = energy_weight x MSE of the standardised energy + force_weight x MSE of the force
+    # components over the training forces' RMS. Forces are -dE/dpositions of the predicted energy.
+    energy_weight: float = 1.0
+    force_weight: float = 0.0
     # Fine-tuning: start the embedding and blocks from this run's best.pt (same architecture;
     # heads and statistics fresh). "{seed}" in the path becomes train.seed.
     init_from: str | None = None
@@ -190,6 +225,10 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive_int(self, name)
         _number_where(self, "auxiliary_weight", lambda v: 0 <= v < math.inf, "a number >= 0")
+        for name in ("energy_weight", "force_weight"):
+            _number_where(self, name, lambda v: 0 <= v < math.inf, "a number >= 0")
+        if self.energy_weight == 0 and self.force_weight == 0:
+            raise IrrepscopeError("train.energy_weight and train.force_weight are both 0: nothing to learn")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise IrrepscopeError(f"train.init_from must be a run directory or null, got {shorten(self.init_from)}")
 
@@ -208,6 +247,8 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.train.force_weight > 0:
+            check_force_field(self)
         for name in [self.data.target, *self.data.auxiliary]:
             l = target_order(name)
             if l not in self.model.orders:
@@ -222,6 +263,30 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_force_field(config: Config) -> None:
+    """Training on forces needs a predicted energy that is a smooth function of the positions.
+
+    A radius graph with the polynomial envelope is (every edge enters and leaves at the
+    cutoff with zero weight, zero slope and zero curvature). A bond graph is not: it is
+    re-perceived from each geometry, so an edge appears or vanishes with a jump in the
+    energy when a distance crosses the bond rule, and non-bonded atoms exert no force at
+    all. The Bessel basis alone is cut by a step in its derivative at the cutoff.
+    """
+    if config.data.target != "energy":
+        raise IrrepscopeError(
+            f"training on forces needs data.target: energy from a structure file with forces (data.source), "
+            f"got {shorten(config.data.target)}"
+        )
+    if config.data.graph != "radius" or config.model.radial_envelope != "polynomial":
+        raise IrrepscopeError(
+            "training on forces needs data.graph: radius and model.radial_envelope: polynomial (a smooth energy; "
+            f"got graph {config.data.graph}, envelope {config.model.radial_envelope}): bond graphs jump when a bond "
+            "is perceived or lost"
+        )
+    if config.data.auxiliary:
+        raise IrrepscopeError("data.auxiliary heads are QM9 charge targets; they do not combine with training on forces")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

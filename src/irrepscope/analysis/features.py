@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from irrepscope.analysis.interface import AnalysedModel
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import Structures
 from irrepscope.orders import invariant_norms, order_slices, split_by_order
 
 Progress = Callable[[Iterable, int, str], Iterable]
@@ -58,7 +58,7 @@ class SplitPass:
 
 def collect(
     model: AnalysedModel,
-    mols: Molecules,
+    mols: Structures,
     indices: np.ndarray,
     *,
     target: str | None,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from e3nn import o3
 
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import Structures
 from irrepscope.orders import order_slices
 
 NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -37,7 +37,7 @@ NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ModelBatch:
-    """Molecules as the analysis sees them, plus whatever the family's forward pass takes."""
+    """Structures as the analysis sees them, plus whatever the family's forward pass takes."""
 
     num_graphs: int
     atom_graph: torch.Tensor  # long [N]: the molecule (0..num_graphs-1) of each atom
@@ -80,7 +80,7 @@ class AnalysedModel(ABC):
         return self.parameters[0].device
 
     @abstractmethod
-    def batches(self, mols: Molecules, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
+    def batches(self, mols: Structures, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
         """``mols[indices]`` in that order, as batches on the model's device."""
 
     @abstractmethod

@@ -32,7 +32,7 @@ from ase.data import chemical_symbols
 from e3nn import o3
 
 from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import Structures
 from irrepscope.errors import IrrepscopeError
 
 NODE_FEATURES = "node_features"
@@ -161,9 +161,9 @@ class NequIPModel(AnalysedModel):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
 
-    def batches(self, mols: Molecules, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
+    def batches(self, mols: Structures, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
         for start in range(0, len(indices), batch_size):
-            chunk = [mols.molecule(int(i)) for i in indices[start : start + batch_size]]
+            chunk = [mols.structure(int(i)) for i in indices[start : start + batch_size]]
             yield self.batch_from_structures(chunk)
 
     def batch_from_structures(self, structures: list[tuple[np.ndarray, np.ndarray]]) -> ModelBatch:

@@ -22,7 +22,7 @@ from e3nn import o3
 from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook
 from irrepscope.analysis.restricted import OrderRemovedModel
 from irrepscope.data.batching import Batch, iterate_batches
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import Structures
 from irrepscope.model.fast_tp import split_radial_mlp
 from irrepscope.model.network import EquivariantGraphConv
 
@@ -47,7 +47,7 @@ class OwnModel(AnalysedModel):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
 
-    def batches(self, mols: Molecules, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
+    def batches(self, mols: Structures, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
         for batch in iterate_batches(
             mols, indices, batch_size, shuffle=False, seed=None, target=None, graph=self.graph, cutoff=self.cutoff,
             dtype=self.dtype,

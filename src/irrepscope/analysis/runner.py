@@ -19,7 +19,7 @@ from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
 from irrepscope.data.composition import baseline_errors, baseline_name, baseline_rule, unit_of
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import SMILES, Structures
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
 
@@ -77,7 +77,7 @@ def probe_fit_indices(eval_indices: np.ndarray, train_indices: np.ndarray, size:
 
 def analyze_model(
     model: AnalysedModel | EquivariantGraphConv,
-    mols: Molecules,
+    mols: Structures,
     eval_indices: np.ndarray,
     train_indices: np.ndarray,
     *,
@@ -142,7 +142,8 @@ def analyze_model(
 
     t = time.perf_counter()
     map_pos = _subset(len(eval_indices), map_molecules, seed)
-    smiles = [mols.smiles[i] for i in eval_indices[map_pos]]
+    known = mols.properties.get(SMILES)  # QM9's; structures from files have none (no spatial scores then)
+    smiles = [known[i] if known is not None else "" for i in eval_indices[map_pos]]
     colours = complexity.spatial_scores(smiles, bar(smiles, len(smiles), "spatial score"))
     timings["complexity"] = time.perf_counter() - t
 

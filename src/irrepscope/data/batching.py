@@ -1,7 +1,8 @@
-"""Mini-batches of molecular graphs as flat torch tensors.
+"""Mini-batches of structures as graphs in flat torch tensors.
 
-Collating is pure index arithmetic on the concatenated arrays of ``Molecules`` (no
-per-molecule Python loop), so batching costs far less than a model step.
+Collating is pure index arithmetic on the concatenated arrays of
+:class:`~irrepscope.data.structures.Structures` (no per-structure Python loop), so
+batching costs far less than a model step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from irrepscope.data.graphs import bonds_to_directed, radius_edges
-from irrepscope.data.qm9 import Molecules, segment_indices
+from irrepscope.data.structures import FORCES, Structures, refuse_periodic, segment_indices
 from irrepscope.errors import IrrepscopeError
 
 GRAPHS = ("bond", "radius")
@@ -21,10 +22,11 @@ GRAPHS = ("bond", "radius")
 
 @dataclass
 class Batch:
-    """A batch of molecules: atoms of all molecules concatenated, edges with global atom indices.
+    """A batch of structures: atoms of all structures concatenated, edges with global atom indices.
 
     Edges are directed and present in both directions; messages flow ``edge_src -> edge_dst``.
-    ``y`` is the target per molecule, in the unit of ``PROPERTIES`` (eV for energies).
+    ``y`` is the target per structure, in its unit (eV for energies); ``forces`` the
+    per-atom forces (eV/Å) when asked for.
     """
 
     z: torch.Tensor  # long [N]
@@ -36,6 +38,12 @@ class Batch:
     num_graphs: int
     mol_index: torch.Tensor  # long [G], dataset index of each molecule
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary targets, [G, k] each
+    forces: torch.Tensor | None = None  # float [N, 3], eV/Å
+
+    @property
+    def atoms_per_graph(self) -> torch.Tensor:
+        """long [G]: the number of atoms of each structure."""
+        return torch.bincount(self.batch, minlength=self.num_graphs)
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on ``device``."""
@@ -49,43 +57,51 @@ class Batch:
             y=None if self.y is None else self.y.to(device),
             mol_index=self.mol_index.to(device),
             aux={name: value.to(device) for name, value in self.aux.items()},
+            forces=None if self.forces is None else self.forces.to(device),
         )
 
 
 def collate(
-    mols: Molecules,
+    mols: Structures,
     indices: Sequence[int] | np.ndarray,
     target: str | None,
     graph: str = "bond",
     cutoff: float = 6.0,
     dtype: torch.dtype = torch.float32,
     auxiliary: Sequence[str] = (),
+    forces: bool = False,
 ) -> Batch:
-    """Build the ``Batch`` of molecules ``indices`` of ``mols``.
+    """Build the ``Batch`` of structures ``indices`` of ``mols``.
 
     ``graph="bond"`` uses the perceived covalent bonds; ``graph="radius"`` connects all
-    atom pairs of a molecule closer than ``cutoff`` Å. ``target`` names a property of
-    ``mols.properties`` (or None for no ``y``); ``auxiliary`` more of them, in ``aux``.
+    atom pairs of a structure closer than ``cutoff`` Å. ``target`` names a property of
+    ``mols.properties`` (or None for no ``y``); ``auxiliary`` more of them, in ``aux``;
+    ``forces`` adds the per-atom forces. Periodic structures are refused (no periodic
+    images in these graphs).
     """
     if graph not in GRAPHS:
         raise IrrepscopeError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
     for name in [target, *auxiliary] if target is not None else auxiliary:
         if name not in mols.properties:
             raise IrrepscopeError(f"unknown target {name!r}; available: {sorted(mols.properties)}")
+    if forces and FORCES not in mols.atom_properties:
+        raise IrrepscopeError("these structures carry no forces")
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(idx) == 0:
         raise IrrepscopeError("cannot collate an empty batch")
     if idx.min() < 0 or idx.max() >= len(mols):
-        raise IrrepscopeError(f"molecule index out of range [0, {len(mols)})")
+        raise IrrepscopeError(f"structure index out of range [0, {len(mols)})")
+    refuse_periodic(mols, idx)
     g = len(idx)
     atoms, atom_counts = segment_indices(mols.atom_ptr, idx)
     batch = np.repeat(np.arange(g, dtype=np.int64), atom_counts)
     pos64 = torch.from_numpy(mols.positions[atoms])
     batch_t = torch.from_numpy(batch)
     if graph == "bond":
-        bond_rows, bond_counts = segment_indices(mols.bond_ptr, idx)
-        first_atom = np.cumsum(atom_counts) - atom_counts  # batch-global index of each molecule's atom 0
-        bonds = mols.bonds[bond_rows] + np.repeat(first_atom, bond_counts)[:, None]
+        all_bonds, bond_ptr = mols.bond_graph()
+        bond_rows, bond_counts = segment_indices(bond_ptr, idx)
+        first_atom = np.cumsum(atom_counts) - atom_counts  # batch-global index of each structure's atom 0
+        bonds = all_bonds[bond_rows] + np.repeat(first_atom, bond_counts)[:, None]
         src, dst = (torch.from_numpy(e) for e in bonds_to_directed(bonds))
     else:
         # On float64 positions, so that the edge set does not depend on ``dtype``.
@@ -101,11 +117,12 @@ def collate(
         num_graphs=g,
         mol_index=torch.from_numpy(idx.copy()),
         aux={name: torch.from_numpy(mols.properties[name][idx]).to(dtype) for name in auxiliary},
+        forces=torch.from_numpy(mols.atom_properties[FORCES][atoms]).to(dtype) if forces else None,
     )
 
 
 def iterate_batches(
-    mols: Molecules,
+    mols: Structures,
     indices: Sequence[int] | np.ndarray,
     batch_size: int,
     *,
@@ -116,8 +133,9 @@ def iterate_batches(
     cutoff: float = 6.0,
     dtype: torch.dtype = torch.float32,
     auxiliary: Sequence[str] = (),
+    forces: bool = False,
 ) -> Iterator[Batch]:
-    """Yield batches of ``batch_size`` molecules (the last one may be smaller) covering ``indices`` once.
+    """Yield batches of ``batch_size`` structures (the last one may be smaller) covering ``indices`` once.
 
     With ``shuffle``, the order is a permutation drawn from ``seed`` (an int, or a
     Generator whose state advances, so that successive epochs differ).
@@ -129,15 +147,4 @@ def iterate_batches(
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         order = rng.permutation(order)
     for start in range(0, len(order), batch_size):
-        yield collate(mols, order[start : start + batch_size], target, graph, cutoff, dtype, auxiliary)
-
-
-def batch_from_structures(
-    structures: Sequence[tuple[np.ndarray, np.ndarray]],
-    graph: str = "bond",
-    cutoff: float = 6.0,
-    dtype: torch.dtype = torch.float32,
-) -> Batch:
-    """One ``Batch`` (without targets) of arbitrary ``(z, pos)`` molecules, bonds perceived from geometry."""
-    mols = Molecules.from_structures(structures)
-    return collate(mols, np.arange(len(mols)), None, graph, cutoff, dtype)
+        yield collate(mols, order[start : start + batch_size], target, graph, cutoff, dtype, auxiliary, forces)

@@ -22,8 +22,8 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from irrepscope.data.multipoles import EQUIVARIANT_TARGETS, is_equivariant
-from irrepscope.data.qm9 import PROPERTIES, Molecules
-from irrepscope.data.xyz import FILE_ENERGY
+from irrepscope.data.qm9 import PROPERTIES
+from irrepscope.data.structures import ENERGY, Structures
 from irrepscope.errors import IrrepscopeError
 
 # QM9's elements: H, C, N, O, F.
@@ -31,13 +31,13 @@ ELEMENTS: tuple[int, ...] = (1, 6, 7, 8, 9)
 
 # Targets that are (approximately) sums of per-atom contributions.
 EXTENSIVE_TARGETS = frozenset(
-    {"U0_atomization", "U_atomization", "H_atomization", "G_atomization", "U0", "zpve", "cv", "polarizability", FILE_ENERGY}
+    {"U0_atomization", "U_atomization", "H_atomization", "G_atomization", "U0", "zpve", "cv", "polarizability", ENERGY}
 )
 
 
 def unit_of(target: str) -> str:
     """The unit of a QM9 property or equivariant target, or eV for a structure file's energies (NequIP's convention)."""
-    if target == FILE_ENERGY:
+    if target == ENERGY:
         return "eV"
     if is_equivariant(target):
         return EQUIVARIANT_TARGETS[target][0]
@@ -51,7 +51,7 @@ def is_extensive(target: str) -> bool:
     return target in EXTENSIVE_TARGETS
 
 
-def element_counts(mols: Molecules, indices: np.ndarray) -> np.ndarray:
+def element_counts(mols: Structures, indices: np.ndarray) -> np.ndarray:
     """Counts of H, C, N, O, F in each of ``mols[indices]``: float64 [M, 5]."""
     indices = np.asarray(indices, dtype=np.int64)
     column = np.full(max(int(mols.atomic_numbers.max()), max(ELEMENTS)) + 1, -1)
@@ -82,7 +82,7 @@ class CompositionFit:
         coef = np.array([self.per_element.get(z, 0.0) for z in ELEMENTS])
         return counts @ coef + self.intercept
 
-    def predict(self, mols: Molecules, indices: np.ndarray) -> np.ndarray:
+    def predict(self, mols: Structures, indices: np.ndarray) -> np.ndarray:
         """The baseline prediction for ``mols[indices]`` (target unit)."""
         return self.predict_counts(element_counts(mols, indices))
 
@@ -121,7 +121,7 @@ def baseline_rule(target: str) -> str:
     return f"{baseline_name(target)}: {what}"
 
 
-def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
+def baseline_errors(mols: Structures, train_indices: np.ndarray, indices: np.ndarray, target: str) -> dict[str, float]:
     """MAE and RMSE (target unit) on ``mols[indices]`` of the composition fit on ``mols[train_indices]``: the baseline.
 
     For a vector or tensor target the baseline is the zero vector: a function of the
@@ -135,7 +135,16 @@ def baseline_errors(mols: Molecules, train_indices: np.ndarray, indices: np.ndar
     return {"baseline_mae_ev": float(np.mean(np.abs(err))), "baseline_rmse_ev": float(np.sqrt(np.mean(err**2)))}
 
 
-def fit_composition(mols: Molecules, train_indices: np.ndarray, target: str) -> CompositionFit:
+FORCE_UNIT = "eV/Å"
+
+
+def force_baseline_errors(forces: np.ndarray) -> dict[str, float]:
+    """The zero-force baseline's MAE per component and RMSE (eV/Å) on ``forces`` [A, 3]: what predicting no force scores."""
+    forces = np.asarray(forces, dtype=np.float64)
+    return {"force_baseline_mae": float(np.mean(np.abs(forces))), "force_baseline_rmse": float(np.sqrt(np.mean(forces**2)))}
+
+
+def fit_composition(mols: Structures, train_indices: np.ndarray, target: str) -> CompositionFit:
     """Least-squares fit of ``target`` on element counts over ``mols[train_indices]`` (never other molecules)."""
     unit_of(target)  # an unknown target is an error
     if is_equivariant(target):

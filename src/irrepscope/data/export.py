@@ -1,8 +1,9 @@
-"""QM9 molecules written as extended XYZ, so that other codes (NequIP, MACE, ...) train on exactly our molecules.
+"""Structures written as extended XYZ, so that other codes (NequIP, MACE, ...) train on exactly our structures.
 
 Every frame holds the atoms and positions (Å), ``energy`` (the target in its unit; ASE
-reads it as the frame's energy, which NequIP maps to ``total_energy``) and ``qm9_index``
-(the molecule's index in irrepscope's QM9, so the split can be checked).
+reads it as the frame's energy, which NequIP maps to ``total_energy``), the per-atom
+``forces`` (eV/Å) where the structures carry them, ``qm9_index`` where known (so the
+split can be checked) and ``index``: the structure's position in the run's data.
 """
 
 from __future__ import annotations
@@ -12,27 +13,42 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from irrepscope.atomic import atomic_write
 from irrepscope.data.multipoles import is_equivariant
-from irrepscope.data.qm9 import Molecules
 from irrepscope.data.split import SPLIT_NAMES
+from irrepscope.data.structures import FORCES, QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError
 
 
-def write_extxyz(mols: Molecules, indices: np.ndarray, path: str | Path, target: str) -> Path:
-    """Write ``mols[indices]`` with ``target`` as each frame's ``energy`` to ``path`` (atomically)."""
+def to_atoms(structures: Structures, i: int, target: str | None = None) -> Atoms:
+    """Structure ``i`` as ASE Atoms: ``target`` as its energy and the forces (a SinglePointCalculator), index, qm9_index."""
+    z, pos = structures.structure(i)
+    atoms = Atoms(numbers=z, positions=pos)
+    if structures.cell is not None and structures.pbc is not None:
+        atoms.set_cell(structures.cell[i])
+        atoms.set_pbc(structures.pbc[i])
+    results = {}
+    if target is not None:
+        results["energy"] = float(structures.properties[target][i])
+    if FORCES in structures.atom_properties:
+        results["forces"] = np.array(structures.atom_property(FORCES, i))
+    if results:
+        atoms.calc = SinglePointCalculator(atoms, **results)
+    atoms.info["index"] = int(i)
+    if QM9_INDEX in structures.properties and structures.properties[QM9_INDEX][i] >= 0:
+        atoms.info[QM9_INDEX] = int(structures.properties[QM9_INDEX][i])
+    return atoms
+
+
+def write_extxyz(structures: Structures, indices: np.ndarray, path: str | Path, target: str) -> Path:
+    """Write ``structures[indices]`` with ``target`` as each frame's ``energy`` (and forces where present) to ``path``, atomically."""
     if is_equivariant(target):
         raise IrrepscopeError(f"export writes a scalar energy per frame; {target} is a vector/tensor target")
     import ase.io
 
-    frames = []
-    for i in np.asarray(indices, dtype=np.int64):
-        z, pos = mols.molecule(int(i))
-        atoms = Atoms(numbers=z, positions=pos)
-        atoms.info["energy"] = float(mols.properties[target][i])
-        atoms.info["qm9_index"] = int(i)
-        frames.append(atoms)
+    frames = [to_atoms(structures, int(i), target) for i in np.asarray(indices, dtype=np.int64)]
 
     def write(f) -> None:
         text = io.StringIO()
@@ -42,7 +58,7 @@ def write_extxyz(mols: Molecules, indices: np.ndarray, path: str | Path, target:
     return atomic_write(path, write)
 
 
-def export_split(mols: Molecules, split: dict[str, np.ndarray], out_dir: str | Path, target: str) -> dict[str, Path]:
+def export_split(structures: Structures, split: dict[str, np.ndarray], out_dir: str | Path, target: str) -> dict[str, Path]:
     """``OUT/train.extxyz``, ``val.extxyz`` and ``test.extxyz`` of a split."""
     out = Path(out_dir)
-    return {name: write_extxyz(mols, split[name], out / f"{name}.extxyz", target) for name in SPLIT_NAMES}
+    return {name: write_extxyz(structures, split[name], out / f"{name}.extxyz", target) for name in SPLIT_NAMES}

@@ -50,7 +50,7 @@ _RADIUS_TABLE = np.full(119, DEFAULT_COVALENT_RADIUS)
 for _z, _r in COVALENT_RADII.items():
     _RADIUS_TABLE[_z] = _r
 
-# Molecules per vectorised chunk in covalent_bonds_many: bounds the [K, n, n, 3] buffer.
+# Structures per vectorised chunk in covalent_bonds_many: bounds the [K, n, n, 3] buffer.
 _CHUNK = 4096
 
 
@@ -72,7 +72,7 @@ def covalent_bonds_many(
 
     Molecule m owns atoms ``atom_ptr[m]:atom_ptr[m+1]``. Returns ``(bonds, bond_ptr)``:
     molecule-local atom pairs [B, 2] (i < j, sorted within each molecule) and the
-    int64 pointer [M+1] of each molecule's bonds. Molecules of equal size are stacked
+    int64 pointer [M+1] of each molecule's bonds. Structures of equal size are stacked
     and handled in one vectorised distance computation.
     """
     atom_ptr = np.asarray(atom_ptr, dtype=np.int64)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from ase.data import atomic_masses
 
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import MULLIKEN, Structures
 
 # name -> (unit, irreps, description)
 EQUIVARIANT_TARGETS: dict[str, tuple[str, str, str]] = {
@@ -61,22 +61,22 @@ def _symmetric_to_2e() -> np.ndarray:
     return m.reshape(9, 5)
 
 
-def _per_molecule(mols: Molecules, values: np.ndarray) -> np.ndarray:
+def _per_molecule(mols: Structures, values: np.ndarray) -> np.ndarray:
     """[A, ...] -> [M, ...], summed over each molecule's (contiguous, never empty) atoms."""
     return np.add.reduceat(values, mols.atom_ptr[:-1], axis=0)
 
 
-def centred_positions(mols: Molecules) -> np.ndarray:
+def centred_positions(mols: Structures) -> np.ndarray:
     """Every atom's position relative to its molecule's centre of mass [A, 3]."""
     mass = atomic_masses[mols.atomic_numbers]
     centre = _per_molecule(mols, mass[:, None] * mols.positions) / _per_molecule(mols, mass)[:, None]
     return mols.positions - np.repeat(centre, np.diff(mols.atom_ptr), axis=0)
 
 
-def charge_multipoles(mols: Molecules) -> dict[str, np.ndarray]:
+def charge_multipoles(mols: Structures) -> dict[str, np.ndarray]:
     """``charge_dipole`` [M, 3] and ``charge_quadrupole`` [M, 5] of every molecule (see the module docstring)."""
     x = centred_positions(mols)
-    qx = mols.mulliken[:, None] * x
+    qx = mols.atom_properties[MULLIKEN][:, None] * x
     dipole = _per_molecule(mols, qx)
     second = _per_molecule(mols, (qx[:, :, None] * x[:, None, :]).reshape(-1, 9))  # sum q x_a x_b, [M, 9]
     trace = second[:, [0, 4, 8]].sum(1, keepdims=True)

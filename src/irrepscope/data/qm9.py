@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from irrepscope.atomic import atomic_write
 from irrepscope.data.graphs import covalent_bonds_many
+from irrepscope.data.structures import MULLIKEN, QM9_INDEX, SMILES, Structures, pointer
 from irrepscope.errors import IrrepscopeError
 
 # Bump whenever parsing, bond perception or the cache layout changes: old caches are rebuilt.
@@ -90,142 +91,9 @@ _ENERGY_COLUMNS = {
 }
 _TENSOR_COLUMNS = ("A_xx", "A_xy", "A_yy", "A_xz", "A_yz", "A_zz")
 _STRIP_BRACKETS = str.maketrans("", "", "[]' ")
-
-
-def segment_indices(ptr: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices of the segments ``ptr[i]:ptr[i+1]`` for i in ``idx``, concatenated, and their lengths."""
-    starts = ptr[idx]
-    counts = ptr[idx + 1] - starts
-    offsets = np.cumsum(counts) - counts  # where each segment starts in the output
-    flat = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - offsets, counts)
-    return flat, counts
-
-
-def _ptr(counts: np.ndarray) -> np.ndarray:
-    ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    return ptr
-
-
-@dataclass
-class Molecules:
-    """A set of molecules stored as concatenated arrays (molecule m owns ``atom_ptr[m]:atom_ptr[m+1]``).
-
-    ``bonds`` are molecule-local atom pairs (i < j) with ``bond_ptr`` as pointer;
-    ``mulliken`` are Mulliken charges (e); ``properties`` map the names of
-    ``PROPERTIES`` to float64 [M] arrays. ``polarizability_tensor`` [M, 6] holds
-    (xx, xy, yy, xz, yz, zz) in bohr^3 in the quantum-chemistry program's standard
-    orientation, NOT in the frame of ``positions``: it is not an equivariant target.
-    """
-
-    atomic_numbers: np.ndarray  # int64 [A]
-    positions: np.ndarray  # float64 [A, 3], Å
-    atom_ptr: np.ndarray  # int64 [M+1]
-    bonds: np.ndarray  # int64 [B, 2]
-    bond_ptr: np.ndarray  # int64 [M+1]
-    mulliken: np.ndarray  # float64 [A]
-    qm9_index: np.ndarray  # int64 [M]
-    smiles: list[str]
-    properties: dict[str, np.ndarray]
-    polarizability_tensor: np.ndarray  # float64 [M, 6]
-
-    def __len__(self) -> int:
-        return len(self.atom_ptr) - 1
-
-    def num_atoms(self, i: int) -> int:
-        """Number of atoms of molecule ``i``."""
-        return int(self.atom_ptr[i + 1] - self.atom_ptr[i])
-
-    def molecule(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Atomic numbers [n] and positions [n, 3] (Å) of molecule ``i`` (views)."""
-        a, b = self.atom_ptr[i], self.atom_ptr[i + 1]
-        return self.atomic_numbers[a:b], self.positions[a:b]
-
-    def molecule_bonds(self, i: int) -> np.ndarray:
-        """Molecule-local bonds [B, 2] of molecule ``i`` (a view)."""
-        return self.bonds[self.bond_ptr[i] : self.bond_ptr[i + 1]]
-
-    def charge_dipole(self, i: int) -> np.ndarray:
-        """Mulliken charge dipole sum_k q_k r_k (e·Å) of molecule ``i``, in the frame of ``positions``."""
-        a, b = self.atom_ptr[i], self.atom_ptr[i + 1]
-        return self.mulliken[a:b] @ self.positions[a:b]
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> Molecules:
-        """A new ``Molecules`` holding the molecules ``indices``, in that order."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IrrepscopeError(f"molecule index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
-        atoms, atom_counts = segment_indices(self.atom_ptr, idx)
-        bonds, bond_counts = segment_indices(self.bond_ptr, idx)
-        return Molecules(
-            atomic_numbers=self.atomic_numbers[atoms],
-            positions=self.positions[atoms],
-            atom_ptr=_ptr(atom_counts),
-            bonds=self.bonds[bonds],
-            bond_ptr=_ptr(bond_counts),
-            mulliken=self.mulliken[atoms],
-            qm9_index=self.qm9_index[idx],
-            smiles=[self.smiles[i] for i in idx],
-            properties={k: v[idx] for k, v in self.properties.items()},
-            polarizability_tensor=self.polarizability_tensor[idx],
-        )
-
-    @classmethod
-    def from_structures(cls, structures: Sequence[tuple[np.ndarray, np.ndarray]]) -> Molecules:
-        """Molecules from ``(z, pos)`` pairs (e.g. read from a file), with covalent bonds perceived.
-
-        Quantities that need quantum chemistry (charges, properties) are NaN or empty.
-        """
-        if len(structures) == 0:
-            raise IrrepscopeError("no molecules given")
-        zs, ps = [], []
-        for k, (z, pos) in enumerate(structures):
-            z = np.asarray(z, dtype=np.int64).reshape(-1)
-            pos = np.asarray(pos, dtype=np.float64)
-            if len(z) == 0 or pos.shape != (len(z), 3):
-                raise IrrepscopeError(
-                    f"structure {k}: need n > 0 atomic numbers and [n, 3] positions, got {len(z)} and {pos.shape}"
-                )
-            zs.append(z)
-            ps.append(pos)
-        z_all, pos_all = np.concatenate(zs), np.concatenate(ps)
-        atom_ptr = _ptr(np.array([len(z) for z in zs]))
-        bonds, bond_ptr = covalent_bonds_many(z_all, pos_all, atom_ptr)
-        m = len(zs)
-        return cls(
-            atomic_numbers=z_all,
-            positions=pos_all,
-            atom_ptr=atom_ptr,
-            bonds=bonds,
-            bond_ptr=bond_ptr,
-            mulliken=np.full(len(z_all), np.nan),
-            qm9_index=np.full(m, -1, dtype=np.int64),
-            smiles=[""] * m,
-            properties={},
-            polarizability_tensor=np.full((m, 6), np.nan),
-        )
-
-    def validate(self) -> None:
-        """Check that arrays and pointers are consistent; raise IrrepscopeError otherwise."""
-        m, a = len(self), len(self.atomic_numbers)
-        ok = (
-            self.atom_ptr[0] == 0
-            and self.atom_ptr[-1] == a
-            and np.all(np.diff(self.atom_ptr) > 0)
-            and self.positions.shape == (a, 3)
-            and self.mulliken.shape == (a,)
-            and self.bond_ptr.shape == (m + 1,)
-            and self.bond_ptr[0] == 0
-            and self.bond_ptr[-1] == len(self.bonds)
-            and np.all(np.diff(self.bond_ptr) >= 0)
-            and self.bonds.shape == (len(self.bonds), 2)
-            and self.qm9_index.shape == (m,)
-            and len(self.smiles) == m
-            and self.polarizability_tensor.shape == (m, 6)
-            and all(v.shape[:1] == (m,) for v in self.properties.values())  # vector targets are [M, k]
-        )
-        if not ok:
-            raise IrrepscopeError("inconsistent molecule arrays (corrupt data or cache)")
+# Per-structure properties of QM9 that are not targets: (xx, xy, yy, xz, yz, zz) in bohr^3 in the
+# quantum-chemistry program's standard orientation, NOT in the frame of the positions.
+POLARIZABILITY_TENSOR = "polarizability_tensor"
 
 
 def qm9pack_data_dir() -> Path:
@@ -271,14 +139,17 @@ def load_qm9(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     source_dir: str | os.PathLike | None = None,
-) -> Molecules:
-    """Load QM9, parsing the ``qm9pack`` CSVs only when no valid cache exists.
+) -> Structures:
+    """Load QM9 as :class:`~irrepscope.data.structures.Structures`, parsing the ``qm9pack`` CSVs only when no valid
+    cache exists.
 
     ``cache_dir``: where ``qm9.npz`` lives (default: ``default_cache_dir()``).
     ``source_dir``: folder holding the four CSVs (default: the ``qm9pack`` wheel's data).
-    Molecules are sorted by their QM9 index.
+    Structures are sorted by their QM9 index. Per structure: the scalar ``PROPERTIES``, the
+    charge multipoles, ``qm9_index``, ``smiles`` and ``polarizability_tensor``; per atom:
+    ``mulliken`` (e). Bonds are perceived once and cached.
     """
-    from irrepscope.data.multipoles import charge_multipoles  # it builds on Molecules
+    from irrepscope.data.multipoles import charge_multipoles  # it builds on the structures
 
     mols = _load_scalars(cache_dir, progress, source_dir)
     # Derived from the cached charges and coordinates on every load (well under a second).
@@ -288,7 +159,7 @@ def load_qm9(
 
 def _load_scalars(
     cache_dir: str | os.PathLike | None, progress: bool, source_dir: str | os.PathLike | None
-) -> Molecules:
+) -> Structures:
     source = Path(source_dir) if source_dir is not None else qm9pack_data_dir()
     fingerprint = _fingerprint(source)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -309,29 +180,31 @@ def _load_scalars(
     return mols
 
 
-def _read_cache(path: Path, fingerprint: str) -> Molecules | None:
+def _read_cache(path: Path, fingerprint: str) -> Structures | None:
     """The cached molecules, or None when the cache was built from other sources or parser."""
     with np.load(path, allow_pickle=False) as f:
         if str(f["fingerprint"]) != fingerprint:
             return None
         smiles = f["smiles_blob"].tobytes().decode("utf-8").split("\n")
-        mols = Molecules(
+        mols = Structures(
             atomic_numbers=f["atomic_numbers"].astype(np.int64),
             positions=f["positions"],
             atom_ptr=f["atom_ptr"],
+            properties={
+                **{name: f[f"property_{name}"] for name in PROPERTIES},
+                QM9_INDEX: f["qm9_index"],
+                SMILES: np.array(smiles, dtype=object),
+                POLARIZABILITY_TENSOR: f["polarizability_tensor"],
+            },
+            atom_properties={MULLIKEN: f["mulliken"]},
             bonds=f["bonds"].astype(np.int64),
             bond_ptr=f["bond_ptr"],
-            mulliken=f["mulliken"],
-            qm9_index=f["qm9_index"],
-            smiles=smiles,
-            properties={name: f[f"property_{name}"] for name in PROPERTIES},
-            polarizability_tensor=f["polarizability_tensor"],
         )
     mols.validate()
     return mols
 
 
-def _write_cache(path: Path, mols: Molecules, fingerprint: str) -> None:
+def _write_cache(path: Path, mols: Structures, fingerprint: str) -> None:
     # Narrow dtypes (Z < 256; QM9 molecules have <= 29 atoms) save ~50 MB; widened on load.
     arrays = {
         "fingerprint": np.array(fingerprint),
@@ -340,10 +213,10 @@ def _write_cache(path: Path, mols: Molecules, fingerprint: str) -> None:
         "atom_ptr": mols.atom_ptr,
         "bonds": mols.bonds.astype(np.uint8),
         "bond_ptr": mols.bond_ptr,
-        "mulliken": mols.mulliken,
-        "qm9_index": mols.qm9_index,
-        "smiles_blob": np.frombuffer("\n".join(mols.smiles).encode("utf-8"), dtype=np.uint8),
-        "polarizability_tensor": mols.polarizability_tensor,
+        "mulliken": mols.atom_properties[MULLIKEN],
+        "qm9_index": mols.properties[QM9_INDEX],
+        "smiles_blob": np.frombuffer("\n".join(mols.properties[SMILES]).encode("utf-8"), dtype=np.uint8),
+        "polarizability_tensor": mols.properties[POLARIZABILITY_TENSOR],
         **{f"property_{name}": mols.properties[name] for name in PROPERTIES},
     }
 
@@ -382,8 +255,8 @@ def _column(header: list[str], name: str, path: Path) -> int:
         raise IrrepscopeError(f"QM9 CSV {path} has no column {name!r}") from None
 
 
-def _parse_source(source: Path, progress: bool) -> Molecules:
-    """Parse the four CSVs into ``Molecules`` sorted by QM9 index, with bonds perceived."""
+def _parse_source(source: Path, progress: bool) -> Structures:
+    """Parse the four CSVs into structures sorted by QM9 index, with bonds perceived."""
     paths = [source / name for name in SOURCE_FILES]
     total = sum(p.stat().st_size for p in paths)
     with tqdm(total=total, unit="B", unit_scale=True, desc="QM9: reading CSV", disable=not progress) as bar:
@@ -432,13 +305,13 @@ def _read_csvs(paths: list[Path], bar: tqdm) -> dict[str, list]:
     return raw
 
 
-def _to_molecules(raw: dict[str, list], source: Path) -> Molecules:
-    """Convert raw CSV fields to ``Molecules`` (sorted by QM9 index, bonds not yet perceived)."""
+def _to_molecules(raw: dict[str, list], source: Path) -> Structures:
+    """Convert raw CSV fields to structures (sorted by QM9 index, bonds not yet perceived)."""
     m = len(raw["Index"])
     if m == 0:
         raise IrrepscopeError(f"QM9 CSVs in {source} hold no molecules")
     n_atoms = np.array(raw["N_atoms"], dtype=np.int64)
-    atom_ptr = _ptr(n_atoms)
+    atom_ptr = pointer(n_atoms)
     a = int(atom_ptr[-1])
     symbols = ",".join(raw["Elements"]).translate(_STRIP_BRACKETS).split(",")
     try:
@@ -466,17 +339,17 @@ def _to_molecules(raw: dict[str, list], source: Path) -> Molecules:
     index = np.array(raw["Index"], dtype=np.int64)
     if len(np.unique(index)) != m:
         raise IrrepscopeError("QM9 CSV: duplicate molecule Index values")
-    mols = Molecules(
+    mols = Structures(
         atomic_numbers=z,
         positions=positions,
         atom_ptr=atom_ptr,
-        bonds=np.zeros((0, 2), dtype=np.int64),
-        bond_ptr=np.zeros(m + 1, dtype=np.int64),
-        mulliken=charges,
-        qm9_index=index,
-        smiles=raw["SMILES"],
-        properties={name: properties[name] for name in PROPERTIES},
-        polarizability_tensor=_polarizability_tensors(source / POLARIZABILITY_FILE, raw["XYZ_file"]),
+        properties={
+            **{name: properties[name] for name in PROPERTIES},
+            QM9_INDEX: index,
+            SMILES: np.array(raw["SMILES"], dtype=object),
+            POLARIZABILITY_TENSOR: _polarizability_tensors(source / POLARIZABILITY_FILE, raw["XYZ_file"]),
+        },
+        atom_properties={MULLIKEN: charges},
     )
     order = np.argsort(index, kind="stable")
     return mols.subset(order) if np.any(order != np.arange(m)) else mols

@@ -27,12 +27,21 @@ def random_split(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     limit: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Split ``range(n)`` at random into sorted, disjoint ``train``/``val``/``test`` index arrays.
 
-    With ``limit``, a seeded random subset of ``limit`` molecules is drawn first and
-    split. The same (n, fractions, seed, limit) always gives the same split.
+    With ``limit``, a seeded random subset of ``limit`` items is drawn first and split.
+    With ``groups`` (one label per index), the groups are what is drawn and split (and
+    what ``limit`` counts): all indices of a group land in the same part, e.g. every
+    frame of one molecule's trajectory. The same arguments always give the same split.
     """
+    if groups is not None:
+        labels, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+        if len(inverse) != n:
+            raise IrrepscopeError(f"groups must hold one label per item ({n}), got {len(inverse)}")
+        by_group = random_split(len(labels), fractions, seed, limit)
+        return {name: np.flatnonzero(np.isin(inverse, part)).astype(np.int64) for name, part in by_group.items()}
     if not _is_int(n) or n <= 0:
         raise IrrepscopeError(f"cannot split {n!r} molecules: need a positive count")
     fr = [float(f) for f in fractions]

@@ -1,4 +1,4 @@
-"""Reading molecules to predict on from structure files (XYZ, extended XYZ, anything ASE reads)."""
+"""Structures from files (extended XYZ, XYZ, anything ASE reads), with energies, forces and cells."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from ase.data import chemical_symbols
 
-from irrepscope.data.qm9 import Molecules
+from irrepscope.data.structures import ENERGY, FORCES, QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError, shorten
 
 
@@ -38,13 +38,9 @@ def _read_frames(path: str | os.PathLike) -> list:
     return frames
 
 
-def read_structures(path: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every frame of ``path`` as ``(z int64 [n], pos float64 [n, 3] in Å)``."""
-    return [(a.get_atomic_numbers().astype(np.int64), a.get_positions().astype(np.float64)) for a in _read_frames(path)]
-
-
-# The property under which read_labelled stores a file's energies (eV, NequIP's convention).
-FILE_ENERGY = "energy"
+def read_structures(path: str | os.PathLike) -> Structures:
+    """Every frame of ``path`` as :class:`Structures` (positions in Å, the cell where a frame is periodic), no labels."""
+    return read_extxyz([path], energy_key=None, forces_key=None)[0]
 
 
 def _energy(atoms: Any, key: str, where: str) -> float:
@@ -63,40 +59,94 @@ def _energy(atoms: Any, key: str, where: str) -> float:
     return value
 
 
-def read_labelled(paths: Sequence[str | os.PathLike], energy_key: str = "energy") -> tuple[Molecules, list[np.ndarray]]:
-    """The frames of every file in ``paths`` as one :class:`Molecules` (energies under :data:`FILE_ENERGY`), and
-    each file's molecule indices in it.
+def _forces(atoms: Any, key: str, where: str) -> np.ndarray:
+    if key in atoms.arrays:
+        value = atoms.arrays[key]
+    elif atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
+        value = atoms.calc.results[key]  # extxyz's `forces` column becomes the frame's calculator forces
+    else:
+        raise IrrepscopeError(f"{where} has no per-atom {key!r} (give the file's forces key with --forces-key)")
+    try:
+        value = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise IrrepscopeError(f"{where}: {key!r} is not numeric") from None
+    if value.shape != (len(atoms), 3):
+        raise IrrepscopeError(f"{where}: {key!r} has shape {value.shape}, expected ({len(atoms)}, 3)")
+    bad = np.flatnonzero(~np.isfinite(value).all(axis=1))
+    if len(bad):
+        raise IrrepscopeError(f"{where}: {key!r} of atom {bad[0]} is not finite: {value[bad[0]].tolist()}")
+    return value
 
-    Geometry files carry no bonds, SMILES or charges: those fields are empty or zero. A
-    frame's ``qm9_index`` (written by ``irrepscope export``) is kept, else -1.
+
+def _has_forces(atoms: Any, key: str) -> bool:
+    return key in atoms.arrays or (atoms.calc is not None and key in getattr(atoms.calc, "results", {}))
+
+
+def _cell(frames: list, where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Cells [M, 3, 3] and periodic flags [M, 3], or (None, None) when no frame is periodic."""
+    pbc = np.array([a.get_pbc() for a in frames], dtype=bool)
+    if not pbc.any():
+        return None, None
+    cell = np.array([a.get_cell().array for a in frames], dtype=np.float64)
+    for k in np.flatnonzero(pbc.any(axis=1)):
+        if abs(np.linalg.det(cell[k])) < 1e-9 and pbc[k].all():
+            raise IrrepscopeError(f"{where}, frame {k}: periodic in every direction but its cell has no volume")
+    return cell, pbc
+
+
+def read_extxyz(
+    paths: Sequence[str | os.PathLike],
+    energy_key: str | None = ENERGY,
+    forces_key: str | None = None,
+    require_forces: bool = True,
+) -> tuple[Structures, list[np.ndarray]]:
+    """The frames of every file in ``paths`` as one :class:`Structures`, and each file's structure indices in it.
+
+    ``energy_key`` (eV, ASE's and NequIP's ``energy`` by default) is stored as
+    :data:`~irrepscope.data.structures.ENERGY` and ``forces_key`` (eV/Å) as
+    :data:`~irrepscope.data.structures.FORCES`; None reads no such label. With
+    ``require_forces=False`` files whose frames carry no forces at all are read without
+    them (some frames with and some without is still an error). A frame's
+    ``qm9_index`` (written by ``irrepscope export`` and ``irrepscope sample-xtb``) is kept,
+    else -1; further numeric per-frame values that every frame carries (e.g.
+    ``temperature_K``) become properties of the same name. Periodic frames keep their cell.
     """
-    z_all, pos_all, ptr, energies, qm9, owners = [], [], [0], [], [], []
+    frames, owners = [], []
     for f, path in enumerate(paths):
         for k, atoms in enumerate(_read_frames(path)):
-            energies.append(_energy(atoms, energy_key, f"{path}, molecule {k}"))
-            z_all.append(atoms.get_atomic_numbers().astype(np.int64))
-            pos_all.append(atoms.get_positions().astype(np.float64))
-            ptr.append(ptr[-1] + len(atoms))
-            try:
-                qm9.append(int(atoms.info.get("qm9_index", -1)))
-            except (TypeError, ValueError):
-                raise IrrepscopeError(f"{path}, molecule {k}: qm9_index is not an integer") from None
+            frames.append((f"{path}, molecule {k}", atoms))
             owners.append(f)
-    m, n_atoms = len(energies), ptr[-1]
-    mols = Molecules(
-        atomic_numbers=np.concatenate(z_all),
-        positions=np.concatenate(pos_all),
-        atom_ptr=np.asarray(ptr, dtype=np.int64),
-        bonds=np.zeros((0, 2), dtype=np.int64),
-        bond_ptr=np.zeros(m + 1, dtype=np.int64),
-        mulliken=np.zeros(n_atoms),
-        qm9_index=np.asarray(qm9, dtype=np.int64),
-        smiles=[""] * m,
-        properties={FILE_ENERGY: np.asarray(energies, dtype=np.float64)},
-        polarizability_tensor=np.zeros((m, 6)),
+    properties: dict[str, np.ndarray] = {}
+    atom_properties: dict[str, np.ndarray] = {}
+    if energy_key is not None:
+        properties[ENERGY] = np.array([_energy(a, energy_key, w) for w, a in frames], dtype=np.float64)
+    if forces_key is not None and (require_forces or any(_has_forces(a, forces_key) for _, a in frames)):
+        atom_properties[FORCES] = np.concatenate([_forces(a, forces_key, w) for w, a in frames])
+    qm9 = []
+    for where, atoms in frames:
+        try:
+            qm9.append(int(atoms.info.get(QM9_INDEX, -1)))
+        except (TypeError, ValueError):
+            raise IrrepscopeError(f"{where}: qm9_index is not an integer") from None
+    properties[QM9_INDEX] = np.asarray(qm9, dtype=np.int64)
+    for key in _shared_numeric_info([a for _, a in frames]):
+        if key not in properties and key not in (energy_key,):
+            properties[key] = np.array([float(a.info[key]) for _, a in frames])
+    cell, pbc = _cell([a for _, a in frames], str(paths[0]) if len(paths) == 1 else "structure files")
+    structures = Structures.from_arrays(
+        [(a.get_atomic_numbers(), a.get_positions()) for _, a in frames], properties, atom_properties, cell, pbc
     )
     owner = np.asarray(owners)
-    return mols, [np.flatnonzero(owner == f) for f in range(len(paths))]
+    return structures, [np.flatnonzero(owner == f) for f in range(len(paths))]
+
+
+def _shared_numeric_info(frames: list) -> list[str]:
+    """The ``atoms.info`` keys with a real number in every frame."""
+    keys = set(frames[0].info)
+    for atoms in frames[1:]:
+        keys &= set(atoms.info)
+    numeric = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)  # noqa: E731
+    return sorted(k for k in keys if all(numeric(a.info[k]) for a in frames))
 
 
 # Closer than this no two atoms of a molecule are (the shortest bond, H-H, is 0.74 Å); at

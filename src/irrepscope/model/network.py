@@ -199,3 +199,25 @@ def build_model(config: ModelConfig, target: str = "U0_atomization", auxiliary: 
 def build_run_model(config: Config) -> EquivariantGraphConv:
     """The model of a run's whole config: its architecture, target and auxiliary heads."""
     return build_model(config.model, config.data.target, config.data.auxiliary)
+
+
+def energy_and_forces(
+    model: EquivariantGraphConv, batch: "Batch", *, node_hook: NodeHook | None = None, create_graph: bool = False
+) -> tuple[ModelOutput, torch.Tensor]:
+    """The model's output and the forces ``-dE/dpositions`` [N, 3] (eV/Å for an energy in eV), by autograd.
+
+    The exact gradient of the predicted energy, whatever the graph; it is a force field's
+    force only where the energy is smooth in the positions (radius graph with the
+    polynomial envelope; see :func:`irrepscope.config.check_force_field`).
+    ``create_graph`` keeps the graph of the forces (training on them: the fast backend
+    is differentiable twice). Works inside ``torch.no_grad`` too.
+    """
+    from dataclasses import replace
+
+    if not model.scalar_output:
+        raise ValueError("forces are the gradient of a scalar energy; this model predicts a vector or tensor")
+    with torch.enable_grad():
+        pos = batch.pos.detach().requires_grad_(True)
+        out = model(replace(batch, pos=pos), node_hook=node_hook)
+        (grad,) = torch.autograd.grad(out.prediction.sum(), pos, create_graph=create_graph)
+    return out, -grad

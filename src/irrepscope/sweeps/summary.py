@@ -81,12 +81,13 @@ def _devices(metrics: list[dict[str, Any]], recorded: str) -> str:
 
 
 def _baseline(run: RunDir, target: str) -> dict[str, float]:
-    from irrepscope.data.qm9 import load_qm9
-    from irrepscope.data.split import load_split
     from irrepscope.data.composition import baseline_errors
+    from irrepscope.data.sources import load_structures
+    from irrepscope.data.split import load_split
 
-    split = load_split(run.split)
-    return baseline_errors(load_qm9(progress=False), split["train"], split["test"], target)
+    structures = load_structures(run.load_config().data)
+    split = load_split(run.split, len(structures))
+    return baseline_errors(structures, split["train"], split["test"], target)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

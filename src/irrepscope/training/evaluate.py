@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,12 @@ import torch
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import baseline_errors, unit_of
-from irrepscope.data.qm9 import Molecules, load_qm9
+from irrepscope.data.composition import FORCE_UNIT, baseline_errors, fit_composition, force_baseline_errors, unit_of
+from irrepscope.data.sources import load_structures
+from irrepscope.data.structures import ENERGY, FORCES, Structures, segment_indices
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
-from irrepscope.model.network import EquivariantGraphConv, build_run_model
+from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint
 
 
@@ -54,9 +56,7 @@ def model_from_checkpoint(
     return model, config, state
 
 
-@torch.no_grad()
-def _outputs(model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None):
-    """The model's outputs on ``mols[indices]``, batch by batch, in the order given."""
+def _batches(model: EquivariantGraphConv, mols: Structures, indices: np.ndarray, config: Config, batch_size: int | None):
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     for batch in iterate_batches(
@@ -70,27 +70,52 @@ def _outputs(model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, 
         cutoff=config.model.cutoff,
         dtype=dtype,
     ):
-        yield model(batch.to(device))
+        yield batch.to(device)
 
 
 def predict(
-    model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
+    model: EquivariantGraphConv, mols: Structures, indices: np.ndarray, config: Config, batch_size: int | None = None
 ) -> np.ndarray:
     """Predictions (target unit) for ``mols[indices]``, in the order given."""
-    return predict_all(model, mols, indices, config, batch_size)[0]
+    return predict_all(model, mols, indices, config, batch_size).prediction
+
+
+@dataclass
+class Predictions:
+    """A model's predictions for some structures, in the order given."""
+
+    prediction: np.ndarray  # [M] (or [M, k] for a vector or tensor target), target unit
+    auxiliary: dict[str, np.ndarray]  # per auxiliary head, its target's unit
+    forces: np.ndarray | None = None  # [A, 3] eV/Å, the atoms of the structures concatenated in order
 
 
 def predict_all(
-    model: EquivariantGraphConv, mols: Molecules, indices: np.ndarray, config: Config, batch_size: int | None = None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """In one pass: the predictions and the auxiliary heads' predictions (their targets' units) for ``mols[indices]``."""
+    model: EquivariantGraphConv,
+    mols: Structures,
+    indices: np.ndarray,
+    config: Config,
+    batch_size: int | None = None,
+    forces: bool = False,
+) -> Predictions:
+    """In one pass: the predictions, the auxiliary heads' predictions and (``forces``) ``-dE/dpositions``."""
     main: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in model.auxiliary_heads}
-    for o in _outputs(model, mols, indices, config, batch_size):
-        main.append(o.prediction.double().cpu().numpy())
+    force_parts: list[np.ndarray] = []
+    for batch in _batches(model, mols, indices, config, batch_size):
+        if forces:
+            o, f = energy_and_forces(model, batch)
+            force_parts.append(f.detach().double().cpu().numpy())
+        else:
+            with torch.no_grad():
+                o = model(batch)
+        main.append(o.prediction.detach().double().cpu().numpy())
         for name, value in model.auxiliary_predictions(o).items():
-            parts[name].append(value.double().cpu().numpy())
-    return (np.concatenate(main) if main else np.zeros(0)), {name: np.concatenate(v) for name, v in parts.items()}
+            parts[name].append(value.detach().double().cpu().numpy())
+    return Predictions(
+        np.concatenate(main) if main else np.zeros(0),
+        {name: np.concatenate(v) for name, v in parts.items()},
+        (np.concatenate(force_parts) if force_parts else np.zeros((0, 3))) if forces else None,
+    )
 
 
 def regression_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float | int]:
@@ -113,21 +138,59 @@ def regression_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, 
     return out
 
 
+def energy_force_metrics(mols: Structures, indices: np.ndarray, pred: Predictions, train_indices: np.ndarray) -> dict[str, Any]:
+    """Per-atom energy errors beside the composition baseline's, and force errors beside the zero-force baseline's.
+
+    ``mae_per_atom_ev``: mean over structures of |error| / atoms; ``force_mae``: mean
+    absolute error per force component, ``force_rmse`` over components (eV/Å); the
+    zero-force baseline predicts no force at all (its errors are the forces' own sizes).
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    n = np.asarray(mols.num_atoms(), dtype=np.float64)[indices]
+    target = mols.properties[ENERGY][indices]
+    baseline = fit_composition(mols, train_indices, ENERGY).predict(mols, indices)
+    out: dict[str, Any] = {
+        "mae_per_atom_ev": float(np.mean(np.abs(pred.prediction - target) / n)),
+        "baseline_mae_per_atom_ev": float(np.mean(np.abs(baseline - target) / n)),
+    }
+    if pred.forces is not None:
+        atoms, _ = segment_indices(mols.atom_ptr, indices)
+        true = mols.atom_properties[FORCES][atoms]
+        err = pred.forces - true
+        out.update(
+            {
+                "force_mae": float(np.mean(np.abs(err))),
+                "force_rmse": float(np.sqrt(np.mean(err**2))),
+                **force_baseline_errors(true),
+                "force_unit": FORCE_UNIT,
+                "n_atoms": int(len(atoms)),
+            }
+        )
+    return out
+
+
 def evaluate_run(
-    run_dir: str | Path, split: str = "test", which: str = "best", device: str = "cpu", mols: Molecules | None = None
+    run_dir: str | Path, split: str = "test", which: str = "best", device: str = "cpu", mols: Structures | None = None
 ) -> dict[str, Any]:
-    """Metrics of a run's checkpoint on one of its own saved splits (``mols``: QM9 if already loaded)."""
+    """Metrics of a run's checkpoint on one of its own saved splits (``mols``: its structures if already loaded).
+
+    Where the structures carry forces, the model's forces (``-dE/dpositions``) are scored
+    too, also for a model trained on energies only.
+    """
     run = RunDir.at(run_dir).require()
     model, config, state = model_from_checkpoint(run.checkpoint(which), resolve_device(device))
     if mols is None:
-        mols = load_qm9(config.data.cache_dir, progress=False)
-    splits = load_split(run.split)
+        mols = load_structures(config.data)
+    splits = load_split(run.split, len(mols))
     indices = splits[split]
-    pred, aux_pred = predict_all(model, mols, indices, config)
+    with_forces = FORCES in mols.atom_properties and model.scalar_output
+    pred = predict_all(model, mols, indices, config, forces=with_forces)
     target = mols.properties[config.data.target][indices]
-    metrics = {**regression_metrics(pred, target), **baseline_errors(mols, splits["train"], indices, config.data.target)}
+    metrics = {**regression_metrics(pred.prediction, target), **baseline_errors(mols, splits["train"], indices, config.data.target)}
+    if config.data.target == ENERGY:
+        metrics.update(energy_force_metrics(mols, indices, pred, splits["train"]))
     auxiliary = {}
-    for name, value in aux_pred.items():
+    for name, value in pred.auxiliary.items():
         aux = {**regression_metrics(value, mols.properties[name][indices]), **baseline_errors(mols, splits["train"], indices, name)}
         auxiliary[name] = {**aux, "unit": unit_of(name)}
     return {

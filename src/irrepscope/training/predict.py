@@ -1,23 +1,23 @@
-"""Predictions for molecules that are not in QM9, read from .xyz/.extxyz files."""
+"""Predictions (and forces) for structures that are not in the run's data, read from .xyz/.extxyz files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-from ase.formula import Formula
+import numpy as np
 from ase.data import chemical_symbols
+from ase.formula import Formula
 
-from irrepscope.data.batching import batch_from_structures
-from irrepscope.data.composition import unit_of
+from irrepscope.data.composition import FORCE_UNIT, unit_of
 from irrepscope.data.qm9 import ATOM_REF_U0_HARTREE
+from irrepscope.data.structures import refuse_periodic
 from irrepscope.data.xyz import check_elements, read_structures
 from irrepscope.errors import IrrepscopeError
-from irrepscope.training.evaluate import model_from_checkpoint
+from irrepscope.training.evaluate import model_from_checkpoint, predict_all
 from irrepscope.training.runs import RunDir
 
-# The model was trained on QM9, whose molecules hold these elements only...
+# The models are trained on QM9 molecules (or xTB frames of them), which hold these elements only...
 TRAINED_ELEMENTS = set(ATOM_REF_U0_HARTREE)
 # ...and 3 to 29 atoms, at most 9 of them heavy.
 QM9_ATOMS = (3, 29)
@@ -35,32 +35,50 @@ def outside_qm9(z) -> list[str]:
     return notes
 
 
-@torch.no_grad()
+def _finite(values: np.ndarray, what: str, path: str | Path, index: int) -> None:
+    if not np.all(np.isfinite(values)):
+        raise IrrepscopeError(
+            f"{path}, molecule {index}: the model's {what} is not finite (coordinates too large for the model's "
+            "precision?)"
+        )
+
+
 def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best", batch_size: int = 64) -> list[dict[str, Any]]:
-    """One result per molecule in ``path``: index, formula, prediction, its unit and warnings (molecules unlike QM9's)."""
+    """One result per structure in ``path``: index, formula, prediction, its unit, forces (energy models) and warnings.
+
+    Forces are ``-dE/dpositions`` of the predicted energy (eV/Å), one ``[x, y, z]`` per
+    atom. Periodic structures are refused: the model has no periodic images.
+    """
     run = RunDir.at(run_dir).require()
     structures = read_structures(path)
-    for i, (z, _) in enumerate(structures):
+    refuse_periodic(structures)
+    for i in range(len(structures)):
         try:
-            check_elements(z, TRAINED_ELEMENTS)
+            check_elements(structures.structure(i)[0], TRAINED_ELEMENTS)
         except IrrepscopeError as exc:
             raise IrrepscopeError(f"{path}, molecule {i}: {exc}") from None
     model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint))
-    dtype = next(model.parameters()).dtype
+    pred = predict_all(model, structures, np.arange(len(structures)), config, batch_size, forces=model.scalar_output)
+    unit = unit_of(config.data.target)
     results = []
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start : start + batch_size]
-        batch = batch_from_structures(chunk, graph=config.data.graph, cutoff=config.model.cutoff, dtype=dtype)
-        for k, value in enumerate(model(batch).prediction.tolist()):
-            z = chunk[k][0]
-            results.append(
-                {
-                    "index": start + k,
-                    "formula": Formula.from_list([chemical_symbols[int(a)] for a in z]).format("hill"),
-                    "prediction": value,
-                    "unit": unit_of(config.data.target),
-                    "target": config.data.target,
-                    "warnings": [f"outside QM9: {note}; the prediction is an extrapolation" for note in outside_qm9(z)],
-                }
-            )
+    for i in range(len(structures)):
+        z = structures.structure(i)[0]
+        value = pred.prediction[i]
+        _finite(value, "prediction", path, i)
+        result = {
+            "index": i,
+            "formula": Formula.from_list([chemical_symbols[int(a)] for a in z]).format("hill"),
+            "prediction": value.tolist() if np.ndim(value) else float(value),
+            "unit": unit,
+            "target": config.data.target,
+        }
+        if pred.forces is not None:
+            forces = pred.forces[structures.atom_ptr[i] : structures.atom_ptr[i + 1]]
+            _finite(forces, "force", path, i)
+            result.update(forces=forces.tolist(), force_unit=FORCE_UNIT if unit == "eV" else f"{unit}/Å")
+        notes = [f"outside QM9: {note}; the prediction is an extrapolation" for note in outside_qm9(z)]
+        if i == 0 and pred.forces is not None and config.data.graph == "bond":  # said once, on the first structure
+            notes.append("forces of a bond-graph model: non-bonded atoms exert none, and they jump where a bond is perceived or lost")
+        result["warnings"] = notes
+        results.append(result)
     return results

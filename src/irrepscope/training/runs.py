@@ -29,8 +29,8 @@ from irrepscope.errors import IrrepscopeError
 
 CHECKPOINT_FORMAT = "irrepscope-checkpoint-v1"
 METRIC_FIELDS = [
-    "epoch", "train_loss", "val_mae_mev", "val_rmse_mev", "val_baseline_mae_mev", "lr", "epoch_seconds", "molecules_per_s",
-    "device",
+    "epoch", "train_loss", "val_mae_mev", "val_rmse_mev", "val_baseline_mae_mev", "val_force_mae", "val_force_baseline_mae",
+    "lr", "epoch_seconds", "molecules_per_s", "device",
 ]  # fmt: skip
 
 

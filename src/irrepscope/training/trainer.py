@@ -1,4 +1,10 @@
-"""The training loop: AdamW on the MSE of the standardised target, resumable.
+"""The training loop: AdamW on the MSE of the standardised target (and of the forces), resumable.
+
+Force fields (``train.force_weight > 0``): the forces are the exact negative gradient of
+the predicted energy with respect to the positions, and the loss adds their mean squared
+error per component over the training forces' RMS (a scale recomputed from the training
+split, so a resume gets the same one); the best epoch is the one with the lowest
+validation loss (the same weighted sum, on the validation split).
 
 The published recipe standardises the molecule-level target. With ``data.reference:
 per_element`` the per-element reference (a least-squares fit on the training split's
@@ -26,13 +32,14 @@ from tqdm.auto import tqdm
 from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
 from irrepscope.config import Config, TrainConfig, recipe_differences
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, unit_of
+from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, force_baseline_errors, unit_of
 from irrepscope.data.multipoles import is_equivariant
-from irrepscope.data.qm9 import Molecules, load_qm9
+from irrepscope.data.sources import load_structures, split_groups
 from irrepscope.data.split import load_split, random_split, save_split
+from irrepscope.data.structures import FORCES, Structures, segment_indices
 from irrepscope.errors import IrrepscopeError
-from irrepscope.model.network import EquivariantGraphConv, build_run_model
-from irrepscope.training.evaluate import evaluate_run, predict, regression_metrics, resolve_device, torch_dtype
+from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
+from irrepscope.training.evaluate import Predictions, evaluate_run, predict_all, regression_metrics, resolve_device, torch_dtype
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
 
 
@@ -113,6 +120,11 @@ def init_trunk(model: EquivariantGraphConv, config: Config, split: dict[str, np.
     theirs = checkpoint_config(state, source.checkpoint("best"))
     keys = ("orders", "hidden_mul", "num_blocks", "num_basis", "cutoff", "embedding_dim", "num_elements",
             "radial_hidden", "aggregation_norm", "radial_envelope")  # fmt: skip
+    if theirs.data.source != config.data.source:
+        raise IrrepscopeError(
+            f"train.init_from: {source.root} trained on data.source {theirs.data.source}, this run on {config.data.source}: "
+            "their splits index different structures"
+        )
     differ = [k for k in keys if getattr(theirs.model, k) != getattr(config.model, k)]
     if differ:
         raise IrrepscopeError(f"train.init_from: {source.root}'s model differs in {', '.join('model.' + k for k in differ)}")
@@ -169,11 +181,17 @@ class WeightEMA:
 class Trainer:
     """Trains one run into its run directory; :meth:`run` starts or resumes it."""
 
-    def __init__(self, config: Config, run_dir: str | Path, mols: Molecules | None = None, progress: bool = True):
+    def __init__(self, config: Config, run_dir: str | Path, mols: Structures | None = None, progress: bool = True):
         self.config = config
         self.run = RunDir.at(run_dir)
         self.progress = progress
-        self.mols = mols if mols is not None else load_qm9(config.data.cache_dir, progress=progress)
+        self.mols = mols if mols is not None else load_structures(config.data, progress=progress)
+        self.forces = config.train.force_weight > 0
+        if self.forces and FORCES not in self.mols.atom_properties:
+            raise IrrepscopeError(
+                f"train.force_weight > 0 but the structures of data.source {config.data.source} carry no forces "
+                f"(data.forces_key {config.data.forces_key!r})"
+            )
         self.device = resolve_device(config.train.device)
         self.dtype = torch_dtype(config.train.dtype)
         if config.train.threads:
@@ -182,7 +200,8 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------
     def _fresh(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
         cfg = self.config
-        split = random_split(len(self.mols), tuple(cfg.data.split), seed=cfg.train.seed, limit=cfg.data.limit)
+        groups = split_groups(self.mols, cfg.data.group_by)
+        split = random_split(len(self.mols), tuple(cfg.data.split), seed=cfg.train.seed, limit=cfg.data.limit, groups=groups)
         torch.manual_seed(cfg.train.seed)
         model = build_run_model(cfg)
         y = self.mols.properties[cfg.data.target][split["train"]]
@@ -203,7 +222,10 @@ class Trainer:
             init_trunk(model, cfg, split)  # may refuse: before anything is written
         self.run.root.mkdir(parents=True, exist_ok=True)
         self.run.write_config(cfg)
-        save_split(self.run.split, split, {"seed": cfg.train.seed, "fractions": cfg.data.split, "limit": cfg.data.limit})
+        meta = {"seed": cfg.train.seed, "fractions": cfg.data.split, "limit": cfg.data.limit}
+        if not cfg.data.from_qm9:
+            meta.update(source=cfg.data.source, structures=len(self.mols), grouped_by="qm9_index" if groups is not None else "structure")
+        save_split(self.run.split, split, meta)
         atomic_write_json(self.run.composition, composition)
         model.to(self.device, self.dtype)
         self.run.write_metrics([])
@@ -252,10 +274,11 @@ class Trainer:
             if "ema" in progress:
                 averaged, ema.n_averaged = progress.pop("ema")
                 ema.module.load_state_dict(averaged)
-        split = load_split(self.run.split)
+        split = load_split(self.run.split, len(self.mols))
         rows = self.run.read_metrics()
         target = self.mols.properties[cfg.data.target]
         baseline_val = baseline_errors(self.mols, split["train"], split["val"], cfg.data.target)["baseline_mae_ev"]
+        val_forces = self._atoms_forces(split["val"]) if self.forces else None
         unit = unit_of(cfg.data.target)
         for epoch in range(progress["epoch"], cfg.train.epochs):
             t0 = time.perf_counter()
@@ -263,7 +286,17 @@ class Trainer:
             seconds = time.perf_counter() - t0
             evaluated = ema.module if ema is not None else model
             evaluated.eval()
-            val = regression_metrics(predict(evaluated, self.mols, split["val"], cfg), target[split["val"]])
+            pred = predict_all(evaluated, self.mols, split["val"], cfg, forces=self.forces)
+            val = regression_metrics(pred.prediction, target[split["val"]])
+            score = val["mae_ev"]  # energy models: the best epoch has the lowest validation MAE (as always)
+            force_note, force_cols = "", {}
+            if self.forces:
+                force_err = pred.forces - val_forces
+                force_mae = float(np.mean(np.abs(force_err)))
+                score = self._validation_loss(model, val["rmse_ev"], float(np.sqrt(np.mean(force_err**2))))
+                force_base = force_baseline_errors(val_forces)["force_baseline_mae"]
+                force_cols = {"val_force_mae": f"{force_mae:.5f}", "val_force_baseline_mae": f"{force_base:.5f}"}
+                force_note = f"  forces {1000 * force_mae:.1f} meV/Å (zero-force {1000 * force_base:.1f})"
             done = epoch + 1
             rows.append(
                 {
@@ -272,20 +305,21 @@ class Trainer:
                     "val_mae_mev": f"{1000 * val['mae_ev']:.3f}",
                     "val_rmse_mev": f"{1000 * val['rmse_ev']:.3f}",
                     "val_baseline_mae_mev": f"{1000 * baseline_val:.3f}",
+                    **force_cols,
                     "lr": f"{opt.param_groups[0]['lr']:.3g}",
                     "epoch_seconds": f"{seconds:.2f}",
                     "molecules_per_s": f"{n_mol / seconds:.1f}",
                     "device": self.device.type,  # where this epoch ran (a resume may move a run)
                 }
             )
-            if after_validation(progress, val["mae_ev"], done, cfg):
+            if after_validation(progress, score, done, cfg):
                 self._save(self.run.checkpoint("best"), model, ema, opt, progress, rows)
             self._save(self.run.checkpoint("last"), model, ema, opt, progress, rows)
             self.run.write_metrics(rows)
             what = baseline_name(cfg.data.target)
             tqdm.write(
                 f"epoch {done}/{cfg.train.epochs}  train loss {train_loss:.4f}  val MAE {_milli(val['mae_ev'], unit)} "
-                f"({what} {_milli(baseline_val, unit)})  ({n_mol / seconds:.0f} mol/s)"
+                f"({what} {_milli(baseline_val, unit)}){force_note}  ({n_mol / seconds:.0f} structures/s)"
             )
         test = evaluate_run(self.run.root, "test", device=str(self.device), mols=self.mols)
         self.run.write_test(test)
@@ -306,6 +340,7 @@ class Trainer:
             cutoff=cfg.model.cutoff,
             dtype=self.dtype,
             auxiliary=cfg.data.auxiliary,
+            forces=self.forces,
         )
         n_batches = math.ceil(len(indices) / cfg.train.batch_size)
         if cfg.train.max_train_batches:
@@ -318,9 +353,15 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, epoch + (step + 1) / n_batches, plateau_scale)
             batch = batch.to(self.device)
-            out = model(batch)
+            if self.forces:
+                out, forces = energy_and_forces(model, batch, create_graph=True)
+            else:
+                out = model(batch)
             reference = model.reference_sum(batch) if model.scalar_output else 0.0
             loss = torch.mean((out.standardized - (batch.y - reference - mean) / std) ** 2)
+            if self.forces:
+                force_loss = torch.mean(((forces - batch.forces) / self.force_scale) ** 2)
+                loss = cfg.train.energy_weight * loss + cfg.train.force_weight * force_loss
             for k, name in enumerate(cfg.data.auxiliary):  # multi-task: same trunk, one head each
                 aux_loss = torch.mean((out.auxiliary[name] - batch.aux[name] / model.auxiliary_std[k]) ** 2)
                 loss = loss + cfg.train.auxiliary_weight * aux_loss
@@ -340,6 +381,24 @@ class Trainer:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
         return total / max(n_mol, 1), n_mol
+
+    def _atoms_forces(self, indices: np.ndarray) -> np.ndarray:
+        """The reference forces [A, 3] of ``mols[indices]``' atoms, in batch order."""
+        atoms, _ = segment_indices(self.mols.atom_ptr, np.asarray(indices, dtype=np.int64))
+        return self.mols.atom_properties[FORCES][atoms]
+
+    @property
+    def force_scale(self) -> float:
+        """The RMS of the training split's force components (eV/Å): the force loss's unit, from the training data only."""
+        if not hasattr(self, "_force_scale"):
+            rms = _rms(self._atoms_forces(load_split(self.run.split)["train"]))
+            self._force_scale = rms if rms > 0 else 1.0
+        return self._force_scale
+
+    def _validation_loss(self, model: EquivariantGraphConv, energy_rmse: float, force_rmse: float) -> float:
+        """The training loss's weighted sum on the validation split: what picks the best epoch of a force field."""
+        t = self.config.train
+        return t.energy_weight * (energy_rmse / float(model.target_std)) ** 2 + t.force_weight * (force_rmse / self.force_scale) ** 2
 
     def _save(self, path: Path, model, ema, opt, progress: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         # "model" holds the weights that are evaluated (the EMA when there is one): what
