@@ -17,10 +17,14 @@ PyTorch's CPU allocator, replayed from the profiler's memory events
 tensors only (not the interpreter, libraries or allocator slack) and net allocations
 made and freed within one operator.
 
-Data: real QM9 bond-graph batches (shuffled with a fixed seed).
+Data: real QM9 bond-graph batches (shuffled with a fixed seed). With ``--forces``: force-field
+training, the model on radius graphs (5 Å, polynomial envelope) of the shipped GFN2-xTB frames
+(``data.source: qm9_xtb``), each step a loss on the energy and on the forces ``-dE/dx``
+(the gradient kept for the backward: a double backward through the tensor products).
 
     python benchmarks/tensor_product.py                      # all configurations, a table
     python benchmarks/tensor_product.py --json --configs 0-2/32 0-6/16 --steps 5
+    python benchmarks/tensor_product.py --forces --configs 0-2/32 0-4/16
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import argparse
 import copy
 import json
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -80,11 +83,29 @@ def qm9_batches(n: int, batch_size: int, dtype: torch.dtype, seed: int = 0) -> l
     return [next(it) for _ in range(n)]
 
 
+FORCE_CUTOFF = 5.0  # Å: the radius graph of --forces (what configs/forcefield use)
+
+
+def xtb_batches(n: int, batch_size: int, dtype: torch.dtype, seed: int = 0) -> list:
+    """Shuffled radius-graph batches of the shipped GFN2-xTB frames, with their forces."""
+    import numpy as np
+
+    from irrepscope.config import DataConfig
+    from irrepscope.data.batching import iterate_batches
+    from irrepscope.data.sources import load_structures
+
+    data = DataConfig(source="qm9_xtb", target="energy")
+    data.validate()
+    structures = load_structures(data)
+    it = iterate_batches(
+        structures, np.arange(len(structures)), batch_size, shuffle=True, seed=seed, target="energy",
+        graph="radius", cutoff=FORCE_CUTOFF, dtype=dtype, forces=True,
+    )  # fmt: skip
+    return [next(it) for _ in range(n)]
+
+
 def to_device(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    fields = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(batch).items()}
-    return SimpleNamespace(**fields)
+    return batch if device.type == "cpu" else batch.to(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,15 +116,23 @@ def to_device(batch, device: torch.device):
 class Runner:
     """One backend's model and optimiser, with a training step and an inference pass."""
 
-    def __init__(self, model: torch.nn.Module, backend: str) -> None:
+    def __init__(self, model: torch.nn.Module, backend: str, forces: bool = False) -> None:
         self.model = model
         self.model.set_backend(backend)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.forces = forces
 
     def train_step(self, batch) -> None:
-        out = self.model(batch)
+        if self.forces:  # what the trainer does with train.force_weight > 0
+            from irrepscope.model.network import energy_and_forces
+
+            out, forces = energy_and_forces(self.model, batch, create_graph=True)
+        else:
+            out = self.model(batch)
         target = (batch.y - self.model.target_mean) / self.model.target_std
         loss = torch.nn.functional.mse_loss(out.standardized, target)
+        if self.forces:
+            loss = loss + torch.nn.functional.mse_loss(forces, batch.forces)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -166,11 +195,16 @@ def timed(schedule: list[str], action, batches: list, device: torch.device) -> d
     return {k: molecules[k] / elapsed[k] for k in elapsed}
 
 
-def run_config(name, orders, mul, steps, infer_steps, batches, device, dtype) -> dict:
+def run_config(name, orders, mul, steps, infer_steps, batches, device, dtype, forces: bool = False) -> dict:
     torch.manual_seed(0)
-    base = build_model(ModelConfig(orders=orders, hidden_mul=mul, backend="e3nn")).to(device=device, dtype=dtype)
-    base.set_target_stats(TARGET_MEAN, TARGET_STD)
-    runners = {"e3nn": Runner(base, "e3nn"), "fast": Runner(copy.deepcopy(base), "fast")}
+    extra = {"cutoff": FORCE_CUTOFF, "radial_envelope": "polynomial"} if forces else {}
+    base = build_model(ModelConfig(orders=orders, hidden_mul=mul, backend="e3nn", **extra)).to(device=device, dtype=dtype)
+    if forces:  # the xTB frames' total energies, per-element reference not modelled here (the cost does not depend on it)
+        y = torch.cat([b.y for b in batches])
+        base.set_target_stats(float(y.mean()), float(y.std()))
+    else:
+        base.set_target_stats(TARGET_MEAN, TARGET_STD)
+    runners = {"e3nn": Runner(base, "e3nn", forces), "fast": Runner(copy.deepcopy(base), "fast", forces)}
     result = {"config": name, "orders": orders, "H": mul, "params": base.num_parameters()}
     for backend, runner in runners.items():  # warm-up, profiled for memory
         result[f"peak_mb_{backend}"] = peak_memory(lambda r=runner: r.train_step(batches[0]), device) / 2**20
@@ -197,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration per line")
+    parser.add_argument("--forces", action="store_true", help="force-field training on the shipped xTB frames (radius graphs)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -212,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             e3nn_steps = args.e3nn_steps
         plans.append((name, orders, mul, {"e3nn": e3nn_steps, "fast": fast_steps}))
     n_batches = 1 + max(max(p[3].values()) for p in plans)
-    batches, source = qm9_batches(min(n_batches, 64), args.batch_size, dtype), "QM9 bond graphs"
+    if args.forces:
+        batches, source = xtb_batches(min(n_batches, 64), args.batch_size, dtype), "GFN2-xTB frames, radius graphs 5 A, energy+forces"
+    else:
+        batches, source = qm9_batches(min(n_batches, 64), args.batch_size, dtype), "QM9 bond graphs"
     batches = [to_device(b, device) for b in batches]
     edges = sum(b.edge_src.numel() for b in batches) / sum(b.num_graphs for b in batches)
     atoms = sum(b.z.numel() for b in batches) / sum(b.num_graphs for b in batches)
@@ -228,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     for name, orders, mul, steps in plans:
         infer_steps = {"e3nn": max(1, steps["e3nn"]), "fast": steps["fast"]}
-        r = run_config(name, orders, mul, steps, infer_steps, batches, device, dtype)
+        r = run_config(name, orders, mul, steps, infer_steps, batches, device, dtype, args.forces)
         if args.json:
             print(json.dumps({**r, **header}), flush=True)
         else:

@@ -1,5 +1,11 @@
-"""A trained NequIP model analysed through the same interface: a tiny model is trained here (under a minute)."""
+"""A trained NequIP model analysed through the same interface: tiny models are trained here (about a minute).
 
+One energy-only model on QM9 (``configs/nequip/qm9_energy.yaml``), and force fields on 30
+rattled QM9 molecules labelled with GFN2-xTB (``configs/nequip/xtb_forces.yaml``, float32
+as configured and float64 for exact finite differences).
+"""
+
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -14,13 +20,25 @@ pytest.importorskip("nequip")
 
 from helpers import run_cli  # noqa: E402
 from irrepscope.analysis.features import collect  # noqa: E402
-from irrepscope.analysis.nequip_model import NODE_FEATURES, NequIPModel, load_nequip  # noqa: E402
+from irrepscope.analysis.nequip_model import NODE_FEATURES, NequIPModel, load_nequip, preserved_global_state  # noqa: E402
 from irrepscope.analysis.runner import analyze_model  # noqa: E402
 from irrepscope.data.split import load_split  # noqa: E402
+from irrepscope.data.xyz import read_extxyz  # noqa: E402
 from irrepscope.errors import IrrepscopeError  # noqa: E402
 from irrepscope.orders import order_slices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["num_layers=2", "num_features=4", "training_module.model.radial_mlp_width=8", "max_epochs=2"]
+
+
+def nequip_train(config: str, data: Path, run: Path, *overrides: str) -> Path:
+    """``nequip-train`` with ``configs/nequip/{config}.yaml`` on ``data``'s extxyz files, on the CPU; its best.ckpt."""
+    train = shutil.which("nequip-train") or str(Path(sys.executable).parent / "nequip-train")
+    cmd = [train, "-cp", str(ROOT / "configs" / "nequip"), "-cn", config, f"data_dir={data}", f"hydra.run.dir={run}",
+           "trainer.accelerator=cpu", *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run / "best.ckpt"
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +61,7 @@ def checkpoint(irrepscope_run, tmp_path_factory):
     """`irrepscope export` of the run's split, then nequip-train: 3 epochs, l_max 2, 3 layers of 8 features."""
     tmp = tmp_path_factory.mktemp("nequip")
     assert run_cli("export", str(irrepscope_run), "--out", str(tmp / "data")) == 0
-    train = shutil.which("nequip-train") or str(Path(sys.executable).parent / "nequip-train")
-    cmd = [
-        train, "-cp", str(ROOT / "configs" / "nequip"), "-cn", "qm9_energy", f"data_dir={tmp / 'data'}",
-        f"hydra.run.dir={tmp / 'run'}", "max_epochs=3", "num_layers=3", "num_features=8", "trainer.accelerator=cpu",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run" / "best.ckpt"
+    return nequip_train("qm9_energy", tmp / "data", tmp / "run", "max_epochs=3", "num_layers=3", "num_features=8")
 
 
 def test_export_writes_the_runs_split(irrepscope_run, split, checkpoint, qm9):
@@ -205,3 +216,193 @@ def test_structure_file_errors(checkpoint, irrepscope_run, tmp_path, capsys):
     assert err.startswith("error:") and "'energy'" in err and "\n" not in err
     assert run_cli("analyze", str(irrepscope_run), "--train-molecules", str(data / "train.extxyz")) == 2
     assert "--train-molecules" in capsys.readouterr().err
+
+
+# --- force fields: NequIP trained on energies and forces -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xtb_data(qm9, tmp_path_factory):
+    """30 QM9 molecules rattled by N(0, 0.05 Å), GFN2-xTB energies (eV) and forces (eV/Å): train/val/test.extxyz (20/5/5)."""
+    pytest.importorskip("tblite")
+    import ase.io
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from tblite.ase import TBLite
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for k, i in enumerate(rng.choice(len(qm9), 30, replace=False)):
+        z, pos = qm9.structure(int(i))
+        atoms = Atoms(numbers=z, positions=pos + rng.normal(0.0, 0.05, pos.shape))
+        atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        atoms.info.update(qm9_index=int(qm9.properties["qm9_index"][i]), index=k)  # as `irrepscope export` writes them
+        frames.append(atoms)
+    data = tmp_path_factory.mktemp("xtb") / "data"
+    data.mkdir()
+    for name, part in (("train", frames[:20]), ("val", frames[20:25]), ("test", frames[25:])):
+        ase.io.write(data / f"{name}.extxyz", part, format="extxyz")
+    return data
+
+
+@pytest.fixture(scope="module")
+def force_checkpoint(xtb_data):
+    """configs/nequip/xtb_forces.yaml as it is (float32), shrunk: 2 epochs, 2 layers of 4 features."""
+    return nequip_train("xtb_forces", xtb_data, xtb_data.parent / "run32", *TINY)
+
+
+@pytest.fixture(scope="module")
+def force_checkpoint64(xtb_data):
+    """The same in float64: forces are checked against finite differences to float64 accuracy."""
+    return nequip_train("xtb_forces", xtb_data, xtb_data.parent / "run64", *TINY, "model_dtype=float64")
+
+
+@pytest.fixture(scope="module")
+def xtb_test(xtb_data):
+    """The 5 test molecules as Structures, with their xTB forces."""
+    structures, _ = read_extxyz([xtb_data / "test.extxyz"], forces_key="forces")
+    return structures
+
+
+def zero_l1_after_layer0(model):
+    """A hand-written hook: order 1 of layer 0's output zeroed."""
+    columns = order_slices(model.block_irreps[0])[1]
+
+    def hook(i, x):
+        if i != 0:
+            return x
+        y = x.clone()
+        y[:, columns] = 0
+        return y
+
+    return hook
+
+
+def nequip_calculator_forces(checkpoint, structures):
+    """Energies and forces from NequIP's own ASE calculator on its own loading of the checkpoint (derivatives as saved).
+
+    Run in NequIP's process state (float64 default dtype: ``from_ase`` casts positions to it), then restored.
+    """
+    from ase import Atoms
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.model.saved_models.load_utils import load_saved_model
+    from nequip.utils.global_state import set_global_state
+
+    energies, forces = [], []
+    with preserved_global_state():
+        set_global_state()
+        torch.set_default_dtype(torch.float64)  # set_global_state() sets it only on its first call in a process
+        model = load_saved_model(str(checkpoint)).eval()
+        transforms = [ChemicalSpeciesToAtomTypeMapper(model_type_names=model.metadata["type_names"].split(" ")),
+                      NeighborListTransform(r_max=float(model.metadata["r_max"]))]  # fmt: skip
+        calc = NequIPCalculator(model, device="cpu", transforms=transforms)
+        for i in range(len(structures)):
+            z, pos = structures.structure(i)
+            atoms = Atoms(numbers=z, positions=pos)
+            atoms.calc = calc
+            energies.append(atoms.get_potential_energy())
+            forces.append(atoms.get_forces())
+    return np.array(energies), np.concatenate(forces)
+
+
+def test_a_force_field_gives_nequips_own_forces(force_checkpoint, xtb_test):
+    model = NequIPModel.load(force_checkpoint)
+    assert model.supports_forces and model.dtype == torch.float32
+    batch = next(model.batches(xtb_test, np.arange(len(xtb_test)), 8))
+    pos = batch.inputs["pos"]
+    with torch.no_grad():
+        energies, forces = model.energy_and_forces(batch)
+        assert torch.equal(model.forward(batch), model.forward(batch))  # energies only again, under no_grad
+    assert forces.shape == (len(xtb_test.atomic_numbers), 3) and energies.shape == (len(xtb_test),)
+    assert forces.dtype == energies.dtype == torch.float64  # a float32 model: float64 positions, energies, forces
+    assert not forces.requires_grad and not energies.requires_grad
+    assert batch.inputs["pos"] is pos and not pos.requires_grad  # NequIP marked a copy, not the batch's positions
+    expected_energies, expected_forces = nequip_calculator_forces(force_checkpoint, xtb_test)
+    np.testing.assert_allclose(forces.numpy(), expected_forces, rtol=1e-6, atol=1e-6)  # atoms in batch order
+    np.testing.assert_allclose(energies.numpy(), expected_energies, rtol=1e-9, atol=1e-5)  # float32 summation order
+    with torch.no_grad():
+        np.testing.assert_allclose(model.forward(batch).numpy(), energies.numpy(), rtol=1e-12, atol=1e-9)
+    assert np.abs(forces.numpy()).max() > 1e-3  # not vacuous
+
+
+@pytest.mark.parametrize("ablated", [False, True], ids=["model", "l1_zeroed_after_layer0"])
+def test_forces_are_minus_the_gradient_of_the_energies(force_checkpoint64, xtb_test, ablated):
+    """Central differences of forward's energies (float64 model, the batch's graph kept), through the same hook."""
+    model = NequIPModel.load(force_checkpoint64)
+    assert model.dtype == torch.float64
+    hook = zero_l1_after_layer0(model) if ablated else None
+    batch = next(model.batches(xtb_test, np.arange(len(xtb_test)), 8))
+    with torch.no_grad():
+        _, forces = model.energy_and_forces(batch, hook)
+    rng = np.random.default_rng(1)
+    h = 1e-4
+    for atom, xyz in zip(rng.choice(len(forces), 12, replace=False), rng.integers(0, 3, 12)):
+        energies = []
+        for sign in (1, -1):
+            pos = batch.inputs["pos"].clone()
+            pos[atom, xyz] += sign * h
+            with torch.no_grad():
+                energies.append(model.forward(dataclasses.replace(batch, inputs={**batch.inputs, "pos": pos}), hook))
+        molecule = int(batch.atom_graph[atom])
+        fd = -(energies[0][molecule] - energies[1][molecule]).item() / (2 * h)
+        assert fd == pytest.approx(forces[atom, xyz].item(), rel=1e-5, abs=1e-6), (atom, xyz)  # ablation: ~1e-3
+
+
+def test_forces_of_an_ablated_force_field(force_checkpoint, xtb_test):
+    model = NequIPModel.load(force_checkpoint)
+    batch = next(model.batches(xtb_test, np.arange(len(xtb_test)), 8))
+    with torch.no_grad():
+        _, forces = model.energy_and_forces(batch)
+        energies, ablated = model.energy_and_forces(batch, zero_l1_after_layer0(model))
+    torch.testing.assert_close(energies, model.ablation(batch, 0, 1))
+    assert (ablated - forces).abs().max() > 1e-5  # the forces went through the zeroed features
+    via_interface = model.force_ablation(batch, 0, 1)
+    torch.testing.assert_close(via_interface[0], energies)
+    torch.testing.assert_close(via_interface[1], ablated)
+
+
+def test_forces_rotate_with_the_molecules(force_checkpoint, xtb_test):
+    from scipy.spatial.transform import Rotation
+
+    model = NequIPModel.load(force_checkpoint)
+    rot = Rotation.random(random_state=5).as_matrix()
+    rotated = dataclasses.replace(xtb_test, positions=xtb_test.positions @ rot.T)
+    idx = np.arange(len(xtb_test))
+    e, f = model.energy_and_forces(next(model.batches(xtb_test, idx, 8)))
+    e_rot, f_rot = model.energy_and_forces(next(model.batches(rotated, idx, 8)))
+    np.testing.assert_allclose(e_rot.numpy(), e.numpy(), rtol=1e-6, atol=1e-4)  # float32 inside
+    np.testing.assert_allclose(f_rot.numpy(), f.numpy() @ rot.T, rtol=1e-4, atol=1e-5 * np.abs(f.numpy()).max())
+
+
+def test_forces_leave_the_model_and_the_batch_as_they_were(force_checkpoint, xtb_test):
+    from irrepscope.analysis.nequip_model import derivative_modules
+
+    model = NequIPModel.load(force_checkpoint)
+    batch = next(model.batches(xtb_test, np.arange(len(xtb_test)), 8))
+    keys = set(batch.inputs)
+
+    def failing(i, x):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        model.energy_and_forces(batch, failing)
+    assert all(not m.do_derivatives for m in derivative_modules(model.model))  # energies only again
+    assert all(not layer._forward_hooks for _, layer in model.layers)  # no hook left behind
+    assert set(batch.inputs) == keys and not batch.inputs["pos"].requires_grad
+    with torch.no_grad():
+        assert model.forward(batch).shape == (len(xtb_test),)
+
+
+def test_an_energy_only_model_reports_no_forces(checkpoint, qm9, split):
+    """NequIP's energy-only models (do_derivatives false) have no forces here, though their energy is differentiable:
+    its gradient was never trained to be a force, and NequIP's own calculator gives none either."""
+    model = NequIPModel.load(checkpoint)
+    assert not model.supports_forces
+    batch = next(model.batches(qm9, split["test"][:4], 4))
+    for call in (lambda: model.energy_and_forces(batch), lambda: model.force_ablation(batch, 0, 1)):
+        with pytest.raises(IrrepscopeError, match="energies only") as err:
+            call()
+        assert "\n" not in str(err.value)

@@ -147,6 +147,7 @@ def analyze_nequip(
     *,
     train_molecules: str | Path | None = None,
     energy_key: str = "energy",
+    forces_key: str = "forces",
     seed: int = 0,
     progress: bool = True,
     **options: Any,
@@ -156,7 +157,8 @@ def analyze_nequip(
     ``molecules`` is either an irrepscope run directory (its saved split, of which ``split``
     is analysed, and its target, which must be the energy in eV the model was trained on;
     ``irrepscope export`` writes the same molecules for ``nequip-train``) or a structure
-    file (extxyz, ...) whose frames carry the energy under ``energy_key``. A file needs
+    file (extxyz, ...) whose frames carry the energy under ``energy_key`` (and, for a
+    force-trained model, the forces under ``forces_key``: then the forces are analysed too). A file needs
     ``train_molecules``, the file the model was trained on: the composition baseline and
     the probes are fitted on it, never on the analysed molecules. Writes ``out`` (default:
     ``analysis/`` beside the model) like ``analyze_run``; ``options`` are
@@ -189,7 +191,7 @@ def analyze_nequip(
             )
         if Path(train_molecules).resolve() == Path(molecules).resolve():
             raise IrrepscopeError("--molecules and --train-molecules are the same file: the probes would see the analysed molecules")
-        mols, (train, evaluated) = read_extxyz([train_molecules, molecules], energy_key)
+        mols, (train, evaluated) = read_extxyz([train_molecules, molecules], energy_key, forces_key, require_forces=False)
         _check_disjoint(mols, train, evaluated)
         indices = split_indices({"test": evaluated}, "test", max_molecules, seed, molecules)
         split, target, source = Path(molecules).name, ENERGY, str(molecules)

@@ -1,4 +1,4 @@
-"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune | export``.
+"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune | export | sample-xtb``.
 
 Bad input raises :class:`IrrepscopeError`; :func:`main` prints it as one line on stderr
 and exits with status 2.
@@ -119,7 +119,7 @@ def evaluate(run_dir: str, split: str, checkpoint: str, device: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> None:
-    """Predict the run's target for every molecule of an .xyz/.extxyz file."""
+    """Predict the run's target (and, for energies, the forces -dE/dx) for every structure of an .xyz/.extxyz file."""
     from irrepscope.training.predict import predict_file
 
     results = predict_file(run_dir, structures, checkpoint)
@@ -133,6 +133,8 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
             value = r["prediction"]
             shown = " ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.4f}"
             click.echo(f"{r['index']:>5}  {r['formula']:<12} {shown} {r['unit']}")
+            for k, f in enumerate(r.get("forces", [])):
+                click.echo(f"       atom {k:>3}  force {f[0]:10.4f} {f[1]:10.4f} {f[2]:10.4f} {r['force_unit']}")
 
 
 @cli.command()
@@ -232,6 +234,7 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--train-molecules", type=click.Path(dir_okay=False), default=None,
               help="With a structure file: the file the model was trained on (composition baseline and probes are fit on it).")
 @click.option("--energy-key", default="energy", show_default=True, help="With structure files: the frames' energy key (eV).")
+@click.option("--forces-key", default="forces", show_default=True, help="With structure files: the frames' forces key (eV/Å), where present.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="For a NequIP model: where to write [default: analysis/ beside the model].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
@@ -251,6 +254,7 @@ def analyze(
     molecules: str | None,
     train_molecules: str | None,
     energy_key: str,
+    forces_key: str,
     out: str | None,
     split: str,
     max_molecules: int | None,
@@ -279,7 +283,7 @@ def analyze(
                 "or --molecules FILE.extxyz --train-molecules TRAIN.extxyz"
             )
         result = analyze_nequip(
-            run_dir, molecules, split, max_molecules, out, train_molecules=train_molecules, energy_key=energy_key,
+            run_dir, molecules, split, max_molecules, out, train_molecules=train_molecules, energy_key=energy_key, forces_key=forces_key,
             embedding=embedding, orders=_order_list(orders),
             map_molecules=map_molecules, probe_molecules=probe_molecules, ablation_molecules=ablation_molecules,
             threshold=threshold, batch_size=batch_size, progress=not quiet,
@@ -344,6 +348,36 @@ def export(run_dir: str | None, out: str, limit: int | None, seed: int, target: 
         split = random_split(len(mols), (0.8, 0.1, 0.1), seed=seed, limit=limit)
     paths = export_split(mols, split, out, target)
     click.echo(", ".join(f"{name}: {len(split[name])} molecules -> {path}" for name, path in paths.items()))
+
+
+@cli.command("sample-xtb")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--molecules", type=int, default=None, callback=_count, help="A seeded random subset of this many QM9 molecules [default: 1000].")
+@click.option("--qm9-index", type=int, default=None, help="Instead: one QM9 molecule (by its QM9 index) with many frames (the MD17 setting).")
+@click.option("--frames", type=int, default=4, callback=_count, show_default=True, help="Frames per molecule.")
+@click.option("--every", type=int, default=40, callback=_count, show_default=True, help="MD steps between frames.")
+@click.option("--equilibration", type=int, default=100, show_default=True, help="MD steps before the first frame.")
+@click.option("--temperature", type=float, default=500.0, show_default=True, help="Langevin temperature (K).")
+@click.option("--timestep", "timestep_fs", type=float, default=0.5, show_default=True, help="MD time step (fs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes the subset, the velocities and the Langevin noise.")
+@click.option("--workers", type=int, default=1, callback=_count, show_default=True, help="Molecules computed in parallel (processes).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sample_xtb(
+    out: str, molecules: int | None, qm9_index: int | None, frames: int, every: int, equilibration: int,
+    temperature: float, timestep_fs: float, seed: int, workers: int, quiet: bool,
+) -> None:  # fmt: skip
+    """Label QM9 molecules off equilibrium with GFN2-xTB energies and forces (Langevin MD, ASE, tblite) into OUT.extxyz[.gz].
+
+    Seeded (the same command writes the same bytes), resumable after a kill (OUT.parts/), parallel over molecules.
+    """
+    from irrepscope.data.xtb_md import sample_md
+
+    result = sample_md(
+        out, molecules=molecules, qm9_index=qm9_index, frames=frames, every=every, equilibration=equilibration,
+        temperature=temperature, timestep_fs=timestep_fs, seed=seed, workers=workers, progress=not quiet,
+    )  # fmt: skip
+    skipped = f"; skipped {len(result.skipped)} molecules (see {result.sidecar})" if result.skipped else ""
+    click.echo(f"wrote {result.frames} frames of {len(result.molecules)} molecules to {result.path}{skipped}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -87,21 +87,40 @@ class AnalysedModel(ABC):
     def forward(self, batch: ModelBatch, hook: NodeHook | None = None) -> torch.Tensor:
         """Predictions [G] in the target's unit; ``hook(i, x)`` sees block ``i``'s output and returns what the rest uses."""
 
+    #: Whether :meth:`energy_and_forces` works: the model predicts an energy whose gradient is its force.
+    supports_forces: bool = False
+
+    def energy_and_forces(self, batch: ModelBatch, hook: NodeHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies [G] (eV) and forces ``-dE/dpositions`` [N, 3] (eV/Å, atoms in batch order), through the same hook.
+
+        The forces are recomputed through the hooked forward pass, so an order zeroed by
+        the hook is missing from the forces too. Detached results; callable under no_grad.
+        """
+        raise NotImplementedError(f"{self.family} models do not compute forces here")
+
+    def force_ablation(self, batch: ModelBatch, block: int | None, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and forces with order ``l`` zeroed after block ``block`` (``None``: after every block)."""
+        return self.energy_and_forces(batch, self._zeroing_hook(block, l))
+
     def zero_order(self, block: int, x: torch.Tensor, l: int) -> torch.Tensor:
         """``x`` (block ``block``'s output) with the columns of order ``l`` set to zero (a copy)."""
         out = x.clone()
         out[:, order_slices(self.block_irreps[block])[l]] = 0
         return out
 
-    def ablation(self, batch: ModelBatch, block: int | None, l: int) -> torch.Tensor:
-        """Predictions with order ``l`` zeroed after block ``block`` (``None``: after every block), by re-running."""
+    def _zeroing_hook(self, block: int | None, l: int) -> NodeHook:
+        """A hook that zeroes order ``l`` after block ``block`` (``None``: after every block that has it)."""
 
         def hook(i: int, x: torch.Tensor) -> torch.Tensor:
             has_l = any(ir.l == l for _, ir in self.block_irreps[i])
             return self.zero_order(i, x, l) if has_l and (block is None or i == block) else x
 
+        return hook
+
+    def ablation(self, batch: ModelBatch, block: int | None, l: int) -> torch.Tensor:
+        """Predictions with order ``l`` zeroed after block ``block`` (``None``: after every block), by re-running."""
         with torch.no_grad():
-            return self.forward(batch, hook)
+            return self.forward(batch, self._zeroing_hook(block, l))
 
     def all_blocks_ablation(self, batch: ModelBatch, orders: list[int]) -> dict[int, torch.Tensor]:
         """Predictions with each order zeroed after every block (generic: one re-run per order)."""

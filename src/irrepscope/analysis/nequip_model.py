@@ -8,13 +8,25 @@ model nonlinear in its features, so every ablation re-runs it (no linear shortcu
 Per-type scale and shift and an optional pair potential act after the readout; no
 feature ablation removes them.
 
+Forces: NequIP wraps its energy model in ``ForceStressOutput``, which, when its
+``do_derivatives`` flag is on, makes the positions require grad, runs the energy model and
+takes ``-dE/dpositions`` by autograd. A model trained with forces has the flag on as saved
+(:attr:`NequIPModel.supports_forces`); an energy-only one (``do_derivatives: false``) has
+it off and reports no forces, although its energy could be differentiated: its gradient
+was never trained to be a force, and NequIP itself gives none for it. The flag is kept
+off (energies only: :meth:`NequIPModel.forward` works under ``no_grad``) and turned on
+for each :meth:`NequIPModel.energy_and_forces` call only, under ``enable_grad``, with the
+same hooks: NequIP's own force computation through the hooked layers.
+
 Handled pitfalls (each tested): loading a ``.ckpt`` needs
 ``nequip.utils.global_state.set_global_state()``, which sets torch's default dtype to
 float64 and reseeds every RNG: everything it touches is restored afterwards; loaded
 models come back in train mode; a force-trained model (``do_derivatives``) fails under
-``no_grad``, so derivatives are turned off (energies only); features are float32 in a
-float32 model while energies are float64; compiled models (``.nequip.pth``, ``.pt2``)
-have no submodules to hook and are refused.
+``no_grad``, so derivatives are on only inside ``energy_and_forces``; NequIP marks the
+positions it gets as requiring grad, so it gets a detached copy, never the batch's
+tensor; features are float32 in a float32 model while energies and forces are float64
+tensors (the readout is float32-accurate: finite differences need a float64 model);
+compiled models (``.nequip.pth``, ``.pt2``) have no submodules to hook and are refused.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ from irrepscope.errors import IrrepscopeError
 
 NODE_FEATURES = "node_features"
 TOTAL_ENERGY = "total_energy"
+FORCES = "forces"  # NequIP's AtomicDataDict.FORCE_KEY
+POSITIONS = "pos"  # AtomicDataDict.POSITIONS_KEY
 FORMATS = (".ckpt", ".nequip.zip")
 INSTALL = "pip install 'irrepscope[nequip]'"
 _ENV_KEYS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "PYTORCH_JIT_USE_NNC_NOT_NVFUSER")
@@ -93,7 +107,11 @@ def preserved_global_state() -> Iterator[None]:
 
 
 def load_nequip(path: str | Path) -> torch.nn.Module:
-    """A NequIP model from a training checkpoint (``.ckpt``) or a package (``.nequip.zip``), in eval mode, energies only."""
+    """A NequIP model from a training checkpoint (``.ckpt``) or a package (``.nequip.zip``), in eval mode.
+
+    ``do_derivatives`` is as saved (on for a force-trained model, which then fails under
+    ``no_grad``): :class:`NequIPModel` switches it off and back on per force call.
+    """
     path = Path(path)
     name = path.name
     if name.endswith((".nequip.pth", ".pt2", ".pth")):
@@ -109,17 +127,20 @@ def load_nequip(path: str | Path) -> torch.nn.Module:
         from nequip.model.saved_models.load_utils import load_saved_model
         from nequip.utils.global_state import set_global_state
 
-        set_global_state()  # rebuilding a model from a .ckpt asserts it
+        with warnings.catch_warnings():  # torch deprecates the fusion-strategy call it makes (first call only)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            set_global_state()  # rebuilding a model from a .ckpt asserts it
         try:
             model = load_saved_model(str(path))
         except Exception as exc:  # nequip raises many kinds for a file it cannot read
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise IrrepscopeError(f"cannot load NequIP model {path}: {first}") from None
-    model = model.to("cpu").eval()
-    for module in model.modules():  # force-trained models: energies only, so that no_grad works
-        if isinstance(getattr(module, "do_derivatives", None), bool):
-            module.do_derivatives = False
-    return model
+    return model.to("cpu").eval()
+
+
+def derivative_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules with a boolean ``do_derivatives`` (NequIP's ``ForceStressOutput``), found by attribute."""
+    return [m for m in model.modules() if isinstance(getattr(m, "do_derivatives", None), bool)]
 
 
 def convnet_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -132,13 +153,22 @@ def convnet_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 class NequIPModel(AnalysedModel):
-    """A trained NequIP model: blocks are its convolution layers, predictions its total energies (eV)."""
+    """A trained NequIP model: blocks are its convolution layers, predictions its total energies (eV).
+
+    ``model`` as :func:`load_nequip` gives it; its ``do_derivatives`` flags are read (they
+    say whether it computes forces) and switched off: energies only, except inside
+    :meth:`energy_and_forces`.
+    """
 
     family = "nequip"
     linear_in_features = False  # gates
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        modules = derivative_modules(model)
+        self._force_modules = [m for m in modules if m.do_derivatives]
+        for m in modules:  # energies only, so that no_grad works
+            m.do_derivatives = False
         self.layers = convnet_layers(model)
         self.type_names = str(model.metadata["type_names"]).split(" ")
         self.r_max = float(model.metadata["r_max"])
@@ -185,7 +215,43 @@ class NequIPModel(AnalysedModel):
         z = torch.as_tensor(np.concatenate([np.asarray(s[0]) for s in structures]), dtype=torch.long)
         return ModelBatch(len(structures), data["batch"], z, int(data["edge_index"].shape[1]), data)
 
+    @property
+    def supports_forces(self) -> bool:
+        """Whether the model computes forces: it was saved with ``do_derivatives`` on (trained with forces)."""
+        return bool(self._force_modules)
+
     def forward(self, batch: ModelBatch, hook: NodeHook | None = None) -> torch.Tensor:
+        with self._hooked(hook):
+            out = self.model(dict(batch.inputs))  # the model copies what it reads: the batch is not changed
+        return out[TOTAL_ENERGY].reshape(-1)
+
+    def energy_and_forces(self, batch: ModelBatch, hook: NodeHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total energies [G] (eV) and NequIP's own forces [N, 3] (eV/Å, atoms in batch order), through the same hooks.
+
+        ``do_derivatives`` is on for this call only; works under ``no_grad``. Detached.
+        """
+        if not self.supports_forces:
+            raise IrrepscopeError("this NequIP model was trained for energies only (do_derivatives false): it has no forces")
+        data = dict(batch.inputs)
+        data[POSITIONS] = data[POSITIONS].detach()  # NequIP sets requires_grad on it: a new tensor, not the batch's
+        with self._hooked(hook), self._derivatives(), torch.enable_grad():
+            out = self.model(data)
+        return out[TOTAL_ENERGY].reshape(-1).detach(), out[FORCES].detach()
+
+    @contextlib.contextmanager
+    def _derivatives(self) -> Iterator[None]:
+        """``do_derivatives`` on for the force-trained modules, off again afterwards (whatever happens)."""
+        for m in self._force_modules:
+            m.do_derivatives = True
+        try:
+            yield
+        finally:
+            for m in self._force_modules:
+                m.do_derivatives = False
+
+    @contextlib.contextmanager
+    def _hooked(self, hook: NodeHook | None) -> Iterator[None]:
+        """``hook(i, node_features)`` on every ``layer{i}_convnet``'s output while the block runs (none: no hooks)."""
         handles = []
         if hook is not None:
             for i, (_, layer) in enumerate(self.layers):
@@ -201,8 +267,7 @@ class NequIPModel(AnalysedModel):
 
                 handles.append(layer.register_forward_hook(replace))
         try:
-            out = self.model(dict(batch.inputs))  # the model copies what it reads: the batch is not changed
+            yield
         finally:
             for h in handles:
                 h.remove()
-        return out[TOTAL_ENERGY].reshape(-1)

@@ -24,7 +24,7 @@ from irrepscope.analysis.restricted import OrderRemovedModel
 from irrepscope.data.batching import Batch, iterate_batches
 from irrepscope.data.structures import Structures
 from irrepscope.model.fast_tp import split_radial_mlp
-from irrepscope.model.network import EquivariantGraphConv
+from irrepscope.model.network import EquivariantGraphConv, energy_and_forces
 
 
 class OwnModel(AnalysedModel):
@@ -61,6 +61,14 @@ class OwnModel(AnalysedModel):
 
     def forward(self, batch: ModelBatch, hook: NodeHook | None = None) -> torch.Tensor:
         return self.model(batch.inputs, node_hook=hook).prediction
+
+    @property
+    def supports_forces(self) -> bool:
+        return self.model.scalar_output
+
+    def energy_and_forces(self, batch: ModelBatch, hook: NodeHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, forces = energy_and_forces(self.model, batch.inputs, node_hook=hook)
+        return out.prediction.detach(), forces.detach()
 
     def all_blocks_ablation(self, batch: ModelBatch, orders: list[int]) -> dict[int, torch.Tensor]:
         # Built once per order (copies of the weights), reused for every batch.

@@ -16,10 +16,12 @@ import numpy as np
 
 from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import SplitPass, collect
+from irrepscope.analysis.force_usage import ForcePass, force_pass
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
 from irrepscope.data.composition import baseline_errors, baseline_name, baseline_rule, unit_of
-from irrepscope.data.structures import SMILES, Structures
+from irrepscope.data.composition import FORCE_UNIT
+from irrepscope.data.structures import FORCES, SMILES, Structures
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
 
@@ -75,6 +77,21 @@ def probe_fit_indices(eval_indices: np.ndarray, train_indices: np.ndarray, size:
     return fit
 
 
+def _force_summary(forces: ForcePass) -> dict[str, Any]:
+    """usage.json's force fields: the model's force errors beside the zero-force baseline's, on the same atoms."""
+    return {
+        "force_mae": forces.force_mae,
+        "force_rmse": forces.force_rmse,
+        "force_baseline_mae": forces.baseline_mae,
+        "force_unit": FORCE_UNIT,
+        "force_structures": int(len(forces.indices)),
+        "force_atoms": forces.num_atoms,
+        "force_rule": "force MAE per component with the order zeroed (forces recomputed through the hooked model) minus "
+        "the model's, on the ablation_molecules structures; unused below threshold x force_mae; the zero-force "
+        "baseline predicts no force",
+    }
+
+
 def analyze_model(
     model: AnalysedModel | EquivariantGraphConv,
     mols: Structures,
@@ -93,6 +110,7 @@ def analyze_model(
     seed: int = 0,
     threshold: float = usage.THRESHOLD,
     progress: bool = True,
+    analyse_forces: bool | None = None,
 ) -> dict[str, Any]:
     """Every analysis stage on ``mols[eval_indices]``; returns the usage.json content plus map arrays (key ``_maps``).
 
@@ -100,6 +118,8 @@ def analyze_model(
     on analysed molecules they were not fit on, also when ``eval_indices`` are training
     molecules. The all-blocks verdicts use the model's MAE on the all-blocks ablation's
     subset (``ablation_model_mae``), the molecules their deltas were measured on.
+    ``analyse_forces`` (default: when the structures carry forces and the model computes
+    them) adds the force ablations on that same subset (:mod:`~irrepscope.analysis.force_usage`).
     """
     model = as_analysed(model, graph, cutoff)
     orders = check_orders(orders, model.orders)
@@ -136,9 +156,24 @@ def analyze_model(
         else None
     )
     probe_scored = len(usage.held_out_positions(eval_indices, probe_idx)) if probe is not None else 0
-    rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold, all_blocks_mae=ablation_mae)
-    paths = model.path_weight_rms(ev.path_moment, ev.num_edges)
     timings["probe_usage"] = time.perf_counter() - t
+
+    # Forces: where the structures carry them and the model computes them, on the ablation subset.
+    t = time.perf_counter()
+    forces = None
+    with_forces = analyse_forces if analyse_forces is not None else FORCES in mols.atom_properties and model.supports_forces
+    if with_forces:
+        if FORCES not in mols.atom_properties:
+            raise IrrepscopeError("the analysed structures carry no forces")
+        if not model.supports_forces:
+            raise IrrepscopeError(f"this {model.family} model does not compute forces")
+        forces = force_pass(model, mols, eval_indices[abl_pos], orders, batch_size, bar)
+        timings["force_ablations"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold, all_blocks_mae=ablation_mae, forces=forces)
+    paths = model.path_weight_rms(ev.path_moment, ev.num_edges)
+    timings["probe_usage"] += time.perf_counter() - t
 
     t = time.perf_counter()
     map_pos = _subset(len(eval_indices), map_molecules, seed)
@@ -186,6 +221,7 @@ def analyze_model(
         "probe_rule": "ridge probe fit on probe_molecules molecules of the training split, R^2 on the "
         "probe_scored_molecules analysed molecules it was not fit on (with --split train: the rest of the analysed ones)",
         "ablation_molecules": int(len(abl_pos)),
+        **(_force_summary(forces) if forces is not None else {}),
         "num_blocks": model.num_blocks,
         "family": model.family,
         "rows": rows,

@@ -22,6 +22,13 @@ Measures (one row per block and order, plus one ``block = "all"`` row per order)
   the ``all`` row's verdict decides the order's fate; ``absent`` where a block puts out no
   such order (its measures are NaN).
 
+With forces (structures that carry them, a model that computes them):
+``force_delta_mae`` is the force MAE per component (eV/Å) with the order zeroed after
+that block (or every block) minus the model's force MAE, on the force ablation's
+structures, recomputed through the hooked model; ``force_verdict`` compares it with
+``THRESHOLD`` x the model's force MAE there. An order is unused (``decide_orders``) only
+when it is unused for the energies and for the forces.
+
 Path weights: for every tensor-product path (l_in x l_edge -> l_out), the RMS of the
 per-edge weights the radial MLP produces over the evaluated edges.
 """
@@ -33,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from irrepscope.analysis.features import SplitPass
+from irrepscope.analysis.force_usage import ForcePass
 from irrepscope.errors import IrrepscopeError
 
 # An order is unused when zeroing it in every block raises the MAE by less than 1 % of
@@ -54,7 +62,10 @@ FIELDS = [
     "grad_x_input",
     "probe_r2",
     "verdict",
+    "force_delta_mae",
+    "force_verdict",
 ]
+MEASURES = FIELDS[2:7]  # the numeric per-row measures of the energy
 
 
 def invariant(values: np.ndarray) -> np.ndarray:
@@ -104,6 +115,7 @@ def usage_rows(
     threshold: float = THRESHOLD,
     *,
     all_blocks_mae: float,
+    forces: ForcePass | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of usage.csv from an evaluated pass (with gradients), all-blocks deltas and a training pass.
 
@@ -126,7 +138,10 @@ def usage_rows(
         for j, l in enumerate(eval_pass.orders):
             if eval_pass.graph_invariants[b][l].shape[1] == 0:
                 # This block puts out no order l (e.g. a NequIP last layer of scalars only).
-                rows.append({"block": b + 1, "order": l, **{k: float("nan") for k in FIELDS[2:-1]}, "verdict": "absent"})
+                rows.append(
+                    {"block": b + 1, "order": l, **{k: float("nan") for k in MEASURES}, "verdict": "absent",
+                     "force_delta_mae": float("nan"), "force_verdict": "absent" if forces is not None else ""}
+                )  # fmt: skip
                 continue
             delta = mae(eval_pass.ablation_prediction[b, j], eval_pass.target) - base
             r2 = float("nan")
@@ -147,6 +162,7 @@ def usage_rows(
                     "grad_x_input": float(eval_pass.grad_x_input[b, j] / max(eval_pass.num_atoms, 1)),
                     "probe_r2": r2,
                     "verdict": verdict(delta, base, threshold),
+                    **_force_columns(forces, b, l, threshold),
                 }
             )
     for l in eval_pass.orders:
@@ -161,13 +177,27 @@ def usage_rows(
                 "grad_x_input": float("nan"),
                 "probe_r2": float("nan"),
                 "verdict": verdict(delta, all_blocks_mae, threshold),
+                **_force_columns(forces, None, l, threshold),
             }
         )
     return rows
 
 
+def _force_columns(forces: ForcePass | None, block: int | None, l: int, threshold: float) -> dict[str, Any]:
+    if forces is None:
+        return {"force_delta_mae": float("nan"), "force_verdict": ""}
+    delta = forces.delta(block, l)
+    return {"force_delta_mae": delta, "force_verdict": "absent" if np.isnan(delta) else verdict(delta, forces.force_mae, threshold)}
+
+
 def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """(unused orders, suggested order list) from the ``all`` rows; order 0 is always kept."""
-    unused = sorted(r["order"] for r in rows if r["block"] == "all" and r["verdict"] == "unused" and r["order"] != 0)
+    """(unused orders, suggested order list) from the ``all`` rows; order 0 is always kept.
+
+    Where the forces were analysed, an order must be unused for both energies and forces.
+    """
+    unused = sorted(
+        r["order"] for r in rows
+        if r["block"] == "all" and r["verdict"] == "unused" and r.get("force_verdict", "") in ("", "unused") and r["order"] != 0
+    )  # fmt: skip
     suggested = [l for l in model_orders if l == 0 or l not in unused]
     return unused, suggested

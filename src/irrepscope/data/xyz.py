@@ -43,13 +43,17 @@ def read_structures(path: str | os.PathLike) -> Structures:
     return read_extxyz([path], energy_key=None, forces_key=None)[0]
 
 
+def _label(atoms: Any, key: str, table: dict, where: str, what: str) -> Any:
+    """A frame's ``key`` from ``table`` (``atoms.info`` or ``atoms.arrays``) or its calculator's results."""
+    if key in table:
+        return table[key]
+    if atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
+        return atoms.calc.results[key]  # extxyz's `energy=` and `forces` column become the frame's calculator results
+    raise IrrepscopeError(f"{where} has no {what} {key!r} (give the file's key with --{what.split()[-1]}-key)")
+
+
 def _energy(atoms: Any, key: str, where: str) -> float:
-    if key in atoms.info:
-        value = atoms.info[key]
-    elif atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
-        value = atoms.calc.results[key]  # extxyz's `energy=` becomes the frame's calculator energy
-    else:
-        raise IrrepscopeError(f"{where} has no {key!r} (give the file's energy key with --energy-key)")
+    value = _label(atoms, key, atoms.info, where, "energy")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -60,12 +64,7 @@ def _energy(atoms: Any, key: str, where: str) -> float:
 
 
 def _forces(atoms: Any, key: str, where: str) -> np.ndarray:
-    if key in atoms.arrays:
-        value = atoms.arrays[key]
-    elif atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
-        value = atoms.calc.results[key]  # extxyz's `forces` column becomes the frame's calculator forces
-    else:
-        raise IrrepscopeError(f"{where} has no per-atom {key!r} (give the file's forces key with --forces-key)")
+    value = _label(atoms, key, atoms.arrays, where, "per-atom forces")
     try:
         value = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):

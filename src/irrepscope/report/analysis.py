@@ -47,11 +47,16 @@ def _heat(ax, grid: np.ndarray, xlabels, ylabels, title: str, fmt: str = "{:.3g}
     plt.colorbar(im, ax=ax, shrink=0.8)
 
 
+def _has_forces(result: dict[str, Any]) -> bool:
+    return result.get("force_mae") is not None
+
+
 def usage_figure(result: dict[str, Any]) -> plt.Figure:
-    """Heat maps block x order of each usage measure."""
+    """Heat maps block x order of each usage measure (and of the force ablation, where forces were analysed)."""
     orders, nb = result["analysed_orders"], result["num_blocks"]
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 0.5 * nb + 2.2), constrained_layout=True)
-    for ax, (key, title) in zip(axes, MEASURES):
+    measures = MEASURES + ([("force_delta_mae", "forces: delta MAE (eV/Å)")] if _has_forces(result) else [])
+    fig, axes = plt.subplots(1, len(measures), figsize=(4 * len(measures), 0.5 * nb + 2.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, measures):
         _heat(ax, _grid(result["rows"], key, nb, orders), orders, range(1, nb + 1), title)
         ax.set_xlabel("order l")
         ax.set_ylabel("block")
@@ -139,6 +144,14 @@ def summary_text(result: dict[str, Any]) -> str:
         f"An order counts as unused when that change is below {result['threshold']:.0%} of the model's MAE "
         f"on the same {result['ablation_molecules']} molecules ({result['threshold_ev']:.3g} {unit}).",
     ]
+    if _has_forces(result):
+        force_effects = ", ".join(f"l={r['order']}: {_fmt(r['force_delta_mae'])}" for r in result["rows"] if r["block"] == "all")
+        parts.append(
+            f"Forces (on {result['force_structures']} structures, {result['force_atoms']} atoms): MAE "
+            f"{result['force_mae']:.4g} eV/Å per component vs the zero-force baseline's {result['force_baseline_mae']:.4g}; "
+            f"zeroing one order after every block changes it by: {force_effects} eV/Å (unused below "
+            f"{result['threshold']:.0%} of the model's force MAE). An order is unused only if unused for both."
+        )
     if unused:
         parts.append(f"Unused orders: {unused}. Suggested pruned order list: {result['suggested_orders']} (order 0 is always kept).")
     else:
@@ -186,6 +199,9 @@ def write_analysis_report(
         "baseline RMSE": result.get("baseline_rmse"),
         "MAE / baseline MAE": result.get("mae_ratio_to_baseline"),
     }
+    if _has_forces(result):
+        metrics.update({"force MAE (eV/Å)": result["force_mae"], "zero-force baseline MAE": result["force_baseline_mae"]})
+    fields = FIELDS if _has_forces(result) else [f for f in FIELDS if not f.startswith("force_")]
     test_html = _table([test_metrics], list(test_metrics)) if test_metrics else "<p>No test.json in the run.</p>"
     map_rows = [{"map": k, **v} for k, v in result["maps"].items()]
     paths_rows = result["paths"]
@@ -208,8 +224,9 @@ on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_inp
 of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
 <b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE on the molecules it was
 measured on (all-blocks rows: the {result['ablation_molecules']} ablation molecules).
+{'<b>force_delta_mae</b>: force MAE per component (eV/&Aring;) with the order zeroed, forces recomputed through the model, minus the model&#39;s, on the ablation structures; <b>force_verdict</b> likewise against the force MAE.' if _has_forces(result) else ''}
 {_readout_note(result)}</p>
-{_table(result['rows'], FIELDS)}
+{_table(result['rows'], fields)}
 {''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('usage.png', 'paths.png'))}
 <h2>Latent space</h2>
 <p>{html.escape(result['embedding'].upper())} maps (knn 10) of the sum-pooled last-block graph embedding on {result['map_molecules']} molecules,

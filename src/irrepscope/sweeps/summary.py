@@ -23,9 +23,10 @@ from irrepscope.training.runs import RunDir
 
 RESULT_FIELDS = [
     "config", "variant", "target", "orders", "hidden_mul", "params", "seed", "epochs", "train_seconds", "device",
-    "reference", "test_mae_ev", "test_rmse_ev", "baseline_mae_ev", "mae_ratio_to_baseline", "n_test", "best_epoch", "run",
-    "status", "error",
+    "reference", "test_mae_ev", "test_rmse_ev", "baseline_mae_ev", "mae_ratio_to_baseline", "test_mae_per_atom_ev",
+    "test_force_mae", "force_baseline_mae", "n_test", "best_epoch", "run", "status", "error",
 ]  # fmt: skip
+FORCE_KEYS = {"test_mae_per_atom_ev": "mae_per_atom_ev", "test_force_mae": "force_mae", "force_baseline_mae": "force_baseline_mae"}
 
 
 def _finished(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,6 +69,7 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                 "test_rmse_ev": test["rmse_ev"],
                 "baseline_mae_ev": baseline["baseline_mae_ev"],
                 "mae_ratio_to_baseline": test["mae_ev"] / baseline["baseline_mae_ev"],
+                **{key: test[name] for key, name in FORCE_KEYS.items() if name in test},
                 "n_test": test["n"],
                 "best_epoch": test["epoch"],
             }
@@ -120,9 +122,25 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "rmse_std": float(rmse.std(ddof=1)) if len(rmse) > 1 else math.nan,
                 "train_seconds_mean": float(secs.mean()),
                 "train_seconds_by_device": {d: (float(np.mean(v)), len(v)) for d, v in sorted(by_device.items())},
+                **_force_means(items),
             }
         )
     return sorted(out, key=lambda r: r["mae_mean"])
+
+
+def _mean_std(values: list[float], name: str) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    return {f"{name}_mean": float(a.mean()), f"{name}_std": float(a.std(ddof=1)) if len(a) > 1 else math.nan}
+
+
+def _force_means(items: list[dict[str, Any]]) -> dict[str, float]:
+    """Force MAE, zero-force baseline and energy MAE per atom over seeds, when every run of a variant has them."""
+    if not all(r.get("test_force_mae") not in (None, "") for r in items):
+        return {}
+    out: dict[str, float] = {}
+    for key, name in (("test_force_mae", "force"), ("force_baseline_mae", "force_baseline"), ("test_mae_per_atom_ev", "per_atom")):
+        out.update(_mean_std([float(r[key]) for r in items], name))
+    return out
 
 
 def write_results_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -153,6 +171,23 @@ def summary_markdown(name: str, summary: list[dict[str, Any]]) -> str:
             f"| {mean_pm_std(r['baseline_mean'], r['baseline_std'])}{unit} "
             f"| {mean_pm_std(r['rmse_mean'], r['rmse_std'])}{unit} | {_train_time(r)} |"
         )
+    forces = [r for r in summary if "force_mean" in r]
+    if forces:
+        lines += [
+            "",
+            "## Forces",
+            "",
+            "Force MAE per component (eV/Å) on each run's test structures, the model's forces being -dE/dx of its energy; "
+            "zero-force baseline: predicting no force, on the same atoms. Energy MAE per atom beside it (eV).",
+            "",
+            "| configuration | orders | seeds | force MAE (eV/Å) | zero-force baseline (eV/Å) | energy MAE per atom (eV) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(forces, key=lambda r: r["force_mean"]):
+            lines.append(
+                f"| {r['variant']} | [{r['orders'].replace(' ', ',')}] | {r['seeds']} | {mean_pm_std(r['force_mean'], r['force_std'])} "
+                f"| {mean_pm_std(r['force_baseline_mean'], r['force_baseline_std'])} | {mean_pm_std(r['per_atom_mean'], r['per_atom_std'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +241,8 @@ def collect_usage(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                         "delta_mae_ev": r["ablation_delta_mae_ev"],
                         "model_mae_ev": usage["model_mae"],
                         "verdict": r["verdict"],
+                        "force_delta": r.get("force_delta_mae"),
+                        "force_verdict": r.get("force_verdict") or "",
                     }
                 )
     return rows
@@ -227,19 +264,32 @@ def usage_table(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "delta_mean": float(d.mean()),
                 "delta_std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
                 "unused_in": sum(r["verdict"] == "unused" for r in items),
+                **_force_usage(items),
             }
         )
     return out
 
 
-def paired_comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every pair of configuration variants, paired by seed (same split): test-MAE difference and a paired t-test."""
+def _force_usage(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over seeds, the force ΔMAE of an order zeroed after every block, where every run analysed its forces."""
+    if not items or not all(r.get("force_verdict") in ("used", "unused") for r in items):
+        return {}
+    return {
+        **_mean_std([float(r["force_delta"]) for r in items], "force_delta"),
+        "force_unused_in": sum(r["force_verdict"] == "unused" for r in items),
+    }
+
+
+def paired_comparisons(rows: list[dict[str, Any]], key: str = "test_mae_ev") -> list[dict[str, Any]]:
+    """Every pair of configuration variants, paired by seed (same split): the difference of ``key`` and a paired t-test."""
     from scipy import stats
 
     by_variant: dict[str, dict[int, float]] = {}
     target: dict[str, str] = {}
     for r in _finished(rows):
-        by_variant.setdefault(r["variant"], {})[r["seed"]] = r["test_mae_ev"]
+        if r.get(key) in (None, ""):
+            continue
+        by_variant.setdefault(r["variant"], {})[r["seed"]] = float(r[key])
         target[r["variant"]] = r.get("target", "")
     names = list(by_variant)
     out = []
@@ -284,6 +334,20 @@ def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, A
                 f"| {c['a']} | {c['b']} | {c['seeds']} | {mean_pm_std(c['diff_mean'], c['diff_std'])} "
                 f"| {c['a_better']}/{c['seeds']} | {c['t']:.2f} | {c['p']:.3f} |"
             )
+    force_pairs = paired_comparisons(rows, "test_force_mae")
+    if force_pairs:
+        lines += [
+            "",
+            "## Paired comparisons of the force MAE (eV/Å)",
+            "",
+            "| a | b | seeds | force MAE(a) - force MAE(b) | a better in | paired t | p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in force_pairs:
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c['seeds']} | {mean_pm_std(c['diff_mean'], c['diff_std'])} "
+                f"| {c['a_better']}/{c['seeds']} | {c['t']:.2f} | {c['p']:.3f} |"
+            )
     table = usage_table(usage_rows)
     if table:
         lines += [
@@ -292,12 +356,17 @@ def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, A
             "",
             "From each run's `analysis/usage.json` (its own test split); mean ± sample standard deviation over seeds.",
             "",
-            "| configuration | order | seeds | ΔMAE (target unit) | unused in |",
-            "|---|---|---|---|---|",
+            "| configuration | order | seeds | ΔMAE (target unit) | unused in | force ΔMAE (eV/Å) | unused for forces in |",
+            "|---|---|---|---|---|---|---|",
         ]
         for u in table:
+            force = (
+                f"{mean_pm_std(u['force_delta_mean'], u['force_delta_std'])} | {u['force_unused_in']}/{u['seeds']}"
+                if "force_delta_mean" in u
+                else " | "
+            )
             lines.append(
                 f"| {u['variant']} | {u['order']} | {u['seeds']} | {mean_pm_std(u['delta_mean'], u['delta_std'])} "
-                f"| {u['unused_in']}/{u['seeds']} |"
+                f"| {u['unused_in']}/{u['seeds']} | {force} |"
             )
     return "\n".join(lines) + ("\n" if lines else "")

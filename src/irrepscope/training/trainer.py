@@ -36,7 +36,7 @@ from irrepscope.data.composition import baseline_errors, baseline_name, fit_comp
 from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.sources import load_structures, split_groups
 from irrepscope.data.split import load_split, random_split, save_split
-from irrepscope.data.structures import FORCES, Structures, segment_indices
+from irrepscope.data.structures import FORCES, Structures, refuse_periodic, segment_indices
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
 from irrepscope.training.evaluate import Predictions, evaluate_run, predict_all, regression_metrics, resolve_device, torch_dtype
@@ -186,6 +186,7 @@ class Trainer:
         self.run = RunDir.at(run_dir)
         self.progress = progress
         self.mols = mols if mols is not None else load_structures(config.data, progress=progress)
+        refuse_periodic(self.mols)  # before anything is split or written
         self.forces = config.train.force_weight > 0
         if self.forces and FORCES not in self.mols.atom_properties:
             raise IrrepscopeError(

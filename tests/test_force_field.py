@@ -1,0 +1,211 @@
+"""Force fields end to end: xTB-labelled structures, training on energies and forces, metrics, the force analysis."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import irrepscope as irs
+from helpers import run_cli as cli
+from irrepscope.analysis.own_model import OwnModel
+from irrepscope.data.export import export_split
+from irrepscope.data.split import load_split
+from irrepscope.data.structures import FORCES, segment_indices
+from irrepscope.data.xtb_md import sample_md
+from irrepscope.data.xyz import read_extxyz
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "quick" / "tiny_forces.yaml")
+
+
+@pytest.fixture(scope="module")
+def xtb_file(tmp_path_factory):
+    """40 QM9 molecules x 3 frames of GFN2-xTB Langevin MD at 500 K (a few seconds)."""
+    path = tmp_path_factory.mktemp("xtb") / "small.extxyz.gz"
+    sample_md(path, molecules=40, frames=3, every=5, equilibration=5, seed=0, workers=1, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def force_run(xtb_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ff") / "run"
+    code = cli("train", TINY, "--out", str(out), "--quiet", "--set", f"data.source={xtb_file}", "--set", "data.limit=null")
+    assert code == 0
+    return out
+
+
+def test_split_keeps_each_molecules_frames_together(force_run, xtb_file):
+    structures, _ = read_extxyz([xtb_file], forces_key="forces")
+    split = load_split(force_run / "split.json", len(structures))
+    index = structures.properties["qm9_index"]
+    parts = [set(index[split[name]]) for name in ("train", "val", "test")]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert sum(len(p) for p in parts) == 40
+    assert json.loads((force_run / "split.json").read_text())["meta"]["grouped_by"] == "qm9_index"
+
+
+def test_test_json_has_force_metrics_beside_independent_baselines(force_run, xtb_file):
+    test = json.loads((force_run / "test.json").read_text())
+    structures, _ = read_extxyz([xtb_file], forces_key="forces")
+    split = load_split(force_run / "split.json", len(structures))
+    # the zero-force baseline, computed independently from the file's frames
+    import ase.io
+
+    frames = ase.io.read(xtb_file, index=":")
+    truth = np.concatenate([frames[i].get_forces() for i in split["test"]])
+    assert test["force_baseline_mae"] == pytest.approx(np.mean(np.abs(truth)), rel=1e-12)
+    assert test["force_baseline_rmse"] == pytest.approx(np.sqrt(np.mean(truth**2)), rel=1e-12)
+    assert test["n_atoms"] == len(truth)
+    # the model's forces, recomputed here by autograd, give the same force MAE
+    run = irs.load_run(force_run, mols=structures)
+    model = OwnModel(run.model, "radius", run.config.model.cutoff)
+    (batch,) = list(model.batches(structures, split["test"], len(split["test"])))
+    _, forces = model.energy_and_forces(batch)
+    assert test["force_mae"] == pytest.approx(np.mean(np.abs(forces.double().numpy() - truth)), rel=1e-9)
+    n = np.array([len(frames[i]) for i in split["test"]])
+    energy = np.array([frames[i].get_potential_energy() for i in split["test"]])
+    assert test["mae_per_atom_ev"] == pytest.approx(np.mean(np.abs(batch_energy(run, structures, split) - energy) / n), rel=1e-6)
+    rows = (force_run / "metrics.csv").read_text().splitlines()
+    assert "val_force_mae" in rows[0] and rows[1].split(",")[5] != ""
+
+
+def batch_energy(run, structures, split):
+    from irrepscope.training.evaluate import predict
+
+    return predict(run.model, structures, split["test"], run.config)
+
+
+def test_force_training_learns(force_run):
+    """Two epochs on 96 frames: the forces are already better than predicting none."""
+    test = json.loads((force_run / "test.json").read_text())
+    assert test["force_mae"] < test["force_baseline_mae"]
+
+
+def test_analysis_reports_force_usage(force_run, xtb_file):
+    structures, _ = read_extxyz([xtb_file], forces_key="forces")
+    run = irs.load_run(force_run, mols=structures)
+    result = irs.analyze(run, embedding="pca", map_molecules=10, probe_molecules=20, progress=False)
+    rows = {(r["block"], r["order"]): r for r in result["rows"]}
+    # the scalar readout sees only l = 0 of the last block: zeroing l > 0 there changes no force
+    for l in (1, 2):
+        assert rows[(2, l)]["force_delta_mae"] == 0.0 and rows[(2, l)]["force_verdict"] == "unused"
+    # zeroing l = 0 after the last block or after every block leaves the same (constant) energy: forces zero
+    assert rows[("all", 0)]["force_delta_mae"] == pytest.approx(result["force_baseline_mae"] - result["force_mae"], rel=1e-9)
+    # a per-block value, recomputed by hand through the hook
+    split = run.split
+    model = run.analysed()
+    idx = split["test"]
+    (batch,) = list(model.batches(structures, idx, len(idx)))
+    atoms, _ = segment_indices(structures.atom_ptr, idx)
+    truth = structures.atom_properties[FORCES][atoms]
+    _, base = model.energy_and_forces(batch)
+    _, ablated = model.energy_and_forces(batch, lambda i, x: model.zero_order(i, x, 1) if i == 0 else x)
+    expected = np.mean(np.abs(ablated.double().numpy() - truth)) - np.mean(np.abs(base.double().numpy() - truth))
+    assert rows[(1, 1)]["force_delta_mae"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert result["force_mae"] == pytest.approx(np.mean(np.abs(base.double().numpy() - truth)), rel=1e-9)
+
+
+def test_cli_analysis_and_predict_with_forces(force_run, xtb_file, tmp_path, capsys):
+    assert cli("analyze", str(force_run), "--embedding", "pca", "--quiet", "--map-molecules", "10") == 0
+    usage = json.loads((force_run / "analysis" / "usage.json").read_text())
+    assert usage["force_unit"] == "eV/Å" and all("force_verdict" in r for r in usage["rows"])
+    assert "force_delta_mae" in (force_run / "analysis" / "usage.csv").read_text().splitlines()[0]
+    assert "zero-force baseline" in (force_run / "analysis" / "report.html").read_text()
+    import ase.io
+
+    ase.io.write(tmp_path / "two.xyz", ase.io.read(xtb_file, index="0:2"), format="xyz")
+    capsys.readouterr()
+    assert cli("predict", str(force_run), str(tmp_path / "two.xyz"), "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 2 and np.asarray(out[0]["forces"]).shape == (len(ase.io.read(tmp_path / "two.xyz", index=0)), 3)
+
+
+def test_extxyz_round_trips_energies_and_forces(xtb_file, tmp_path):
+    structures, _ = read_extxyz([xtb_file], forces_key="forces")
+    split = {"train": np.arange(0, 60), "val": np.arange(60, 90), "test": np.arange(90, 120)}
+    export_split(structures, split, tmp_path, "energy")
+    again, (train, test) = read_extxyz([tmp_path / "train.extxyz", tmp_path / "test.extxyz"], forces_key="forces")
+    both = np.concatenate([split["train"], split["test"]])
+    np.testing.assert_array_equal(again.properties["energy"], structures.properties["energy"][both])
+    np.testing.assert_array_equal(again.atom_properties["forces"], structures.subset(both).atom_properties["forces"])
+    np.testing.assert_array_equal(again.positions, structures.subset(both).positions)
+    np.testing.assert_array_equal(again.properties["qm9_index"], structures.properties["qm9_index"][both])
+
+
+def one_line_error(capsys, code, match):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+
+
+def write_frames(path, frames_spec, xtb_file):
+    """Frames of the xTB file with their labels edited by ``frames_spec(atoms, k)``."""
+    import ase.io
+
+    frames = ase.io.read(xtb_file, index="0:30")  # 10 molecules
+    for k, atoms in enumerate(frames):
+        frames_spec(atoms, k)
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def _no_forces(atoms, k):
+    e = atoms.get_potential_energy()
+    atoms.calc = None
+    atoms.info["energy"] = e
+
+
+def _nan_force(atoms, k):
+    if k == 2:
+        atoms.calc.results["forces"][0, 1] = np.nan
+
+
+def _nan_energy(atoms, k):
+    if k == 1:
+        atoms.calc.results["energy"] = np.nan
+
+
+def _periodic(atoms, k):
+    atoms.set_cell([12.0, 12.0, 12.0])
+    atoms.set_pbc(True)
+
+
+@pytest.mark.parametrize(
+    "edit, sets, match",
+    [
+        (_no_forces, [], "carry no forces"),
+        (_nan_force, [], "not finite"),
+        (_nan_energy, [], "'energy' is nan"),
+        (_periodic, [], "periodic boundaries"),
+        (None, ["data.graph=bond"], "data.graph: radius"),
+        (None, ["model.radial_envelope=none"], "radial_envelope: polynomial"),
+        (None, ["data.energy_key=total_energy"], "has no energy 'total_energy'"),
+        (None, ["data.target=U0_atomization"], "data.target must be 'energy'"),
+        (None, ["data.source=qm9", "data.target=U0_atomization"], "training on forces needs data.target: energy"),
+        (None, ["data.source=/nonexistent.extxyz"], "no such structure file"),
+        (None, ["train.force_weight=-1"], "train.force_weight must be"),
+        (None, ["train.force_weight=0", "train.energy_weight=0"], "nothing to learn"),
+    ],
+)
+def test_bad_force_field_input_is_one_line(edit, sets, match, xtb_file, tmp_path, capsys):
+    source = write_frames(tmp_path / "edited.extxyz", edit, xtb_file) if edit is not None else xtb_file
+    args = ["train", TINY, "--out", str(tmp_path / "run"), "--quiet", "--set", f"data.source={source}", "--set", "data.limit=null"]
+    for s in sets:
+        args += ["--set", s]
+    one_line_error(capsys, cli(*args), match)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_misshaped_forces_are_refused(xtb_file, tmp_path):
+    from irrepscope.errors import IrrepscopeError
+
+    text = Path(write_frames(tmp_path / "ok.extxyz", lambda a, k: None, xtb_file)).read_text()
+    # drop the last force column of every atom line: the file still parses as extxyz with a 2-column forces
+    bad = text.replace("forces:R:3", "forces:R:2")
+    bad = "\n".join(" ".join(line.split()[:-1]) if len(line.split()) == 7 else line for line in bad.splitlines())
+    (tmp_path / "bad.extxyz").write_text(bad + "\n")
+    with pytest.raises(IrrepscopeError, match="forces"):
+        read_extxyz([tmp_path / "bad.extxyz"], forces_key="forces")
