@@ -176,7 +176,7 @@ def _periodic(atoms, k):
 @pytest.mark.parametrize(
     "edit, sets, match",
     [
-        (_no_forces, [], "carry no forces"),
+        (_no_forces, [], "has no per-atom forces 'forces'"),
         (_nan_force, [], "not finite"),
         (_nan_energy, [], "'energy' is nan"),
         (_periodic, [], "periodic boundaries"),
@@ -209,3 +209,75 @@ def test_misshaped_forces_are_refused(xtb_file, tmp_path):
     (tmp_path / "bad.extxyz").write_text(bad + "\n")
     with pytest.raises(IrrepscopeError, match="forces"):
         read_extxyz([tmp_path / "bad.extxyz"], forces_key="forces")
+
+
+def test_a_changed_source_file_is_refused(xtb_file, tmp_path, capsys):
+    """The split indexes the file's frames: a run whose structure file changed since cannot be evaluated or resumed."""
+    import shutil
+
+    source = tmp_path / "frames.extxyz.gz"
+    shutil.copy(xtb_file, source)
+    run = tmp_path / "run"
+    args = ["--set", f"data.source={source}", "--set", "data.limit=null", "--set", "train.epochs=1", "--set", "train.max_train_batches=1"]
+    assert cli("train", TINY, "--out", str(run), "--quiet", *args) == 0
+    assert cli("evaluate", str(run)) == 0
+    write_frames(tmp_path / "other.extxyz", lambda a, k: None, xtb_file)  # 30 of the file's 120 frames
+    import gzip
+
+    source.write_bytes(gzip.compress((tmp_path / "other.extxyz").read_bytes()))
+    capsys.readouterr()
+    one_line_error(capsys, cli("evaluate", str(run)), "is not the file this run was split on")
+    one_line_error(capsys, cli("train", "--resume", str(run), "--set", "train.epochs=2"), "is not the file this run was split on")
+    one_line_error(capsys, cli("analyze", str(run), "--quiet"), "is not the file this run was split on")
+
+
+def test_structures_from_lists_keep_strings_whole():
+    from irrepscope.data.structures import Structures
+
+    s = Structures.from_arrays(
+        [(np.array([1, 1]), np.eye(3)[:2]), (np.array([8]), np.zeros((1, 3)))], {"energy": [1.0, 2.0], "smiles": ["[H][H]", "O"]}
+    )
+    sub = s.subset([1])
+    assert sub.properties["smiles"].tolist() == ["O"] and sub.properties["energy"].tolist() == [2.0]
+
+
+def test_group_split_keeps_known_molecules_together_beside_unlabelled_frames():
+    from irrepscope.data.sources import split_groups
+    from irrepscope.data.split import random_split
+    from irrepscope.data.structures import Structures
+
+    index = np.array([5, 5, 7, 7, 9, 9, -1, -1, 11, 11, 13, 13])
+    s = Structures.from_arrays([(np.array([1]), np.zeros((1, 3)))] * len(index), {"qm9_index": index})
+    groups = split_groups(s, "auto")
+    assert groups is not None and len(np.unique(groups)) == 7
+    split = random_split(len(index), (0.6, 0.2, 0.2), seed=1, groups=groups)
+    sides = {name: set(index[idx][index[idx] >= 0]) for name, idx in split.items()}
+    assert not (sides["train"] & sides["test"]) and not (sides["train"] & sides["val"])
+
+
+def test_the_shipped_set_is_what_its_command_writes(tmp_path):
+    """Two molecules sampled with the shipped set's parameters equal their frames in the shipped file, bit for bit.
+
+    The subset of a seed is a prefix of one permutation and each molecule's frames depend on (seed, QM9 index)
+    only, so this checks the committed file against its regeneration command (README "Force fields").
+    """
+    import json
+
+    from irrepscope.data.sources import SHIPPED, SHIPPED_SOURCES
+
+    shipped = SHIPPED / SHIPPED_SOURCES["qm9_xtb"]
+    params = json.loads(Path(str(shipped) + ".json").read_text())["parameters"]
+    assert params["molecules"] == 1000 and params["frames"] == 4 and params["temperature_K"] == 500.0
+    small = tmp_path / "two.extxyz.gz"
+    result = sample_md(
+        small, molecules=2, frames=params["frames"], every=params["every"], equilibration=params["equilibration"],
+        temperature=params["temperature_K"], seed=params["seed"], workers=1, progress=False,
+    )  # fmt: skip
+    full, _ = read_extxyz([shipped])
+    mine, _ = read_extxyz([small])
+    assert len(full) == 4000 and FORCES in full.atom_properties
+    rows = np.flatnonzero(np.isin(full.properties["qm9_index"], result.molecules))
+    part = full.subset(rows)
+    np.testing.assert_array_equal(part.positions, mine.positions)
+    np.testing.assert_array_equal(part.atom_properties[FORCES], mine.atom_properties[FORCES])
+    np.testing.assert_array_equal(part.properties["energy"], mine.properties["energy"])

@@ -31,7 +31,7 @@ from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
 from irrepscope.config import Config
 from irrepscope.data.composition import unit_of
-from irrepscope.data.sources import load_structures
+from irrepscope.data.sources import load_run_structures
 from irrepscope.data.structures import ENERGY, QM9_INDEX, Structures
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
@@ -65,7 +65,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
     if not run.split.is_file():
         raise IrrepscopeError(f"{run.root} has no split.json; the analysis needs the run's own split")
     if mols is None:
-        mols = load_structures(config.data)
+        mols = load_run_structures(config.data, run.split)
     split = {k: np.asarray(v, dtype=np.int64) for k, v in load_split(run.split, len(mols)).items()}
     return Run(run.root, model, config, split, mols, checkpoint)
 
@@ -129,12 +129,29 @@ def analyze_run(
     )
 
 
+def _frame_keys(mols: Structures, indices: np.ndarray) -> set[bytes]:
+    """One key per structure: its atomic numbers and positions rounded to 1e-6 Å (identical frames, identical keys)."""
+    keys = set()
+    for i in indices:
+        z, pos = mols.structure(int(i))
+        keys.add(z.tobytes() + np.round(pos, 6).tobytes())
+    return keys
+
+
 def _check_disjoint(mols: Structures, train: np.ndarray, evaluated: np.ndarray) -> None:
-    """Refuse analysed molecules that are also training molecules (by ``qm9_index``, where the files carry it)."""
+    """Refuse analysed structures that are also training structures.
+
+    The same frame (atoms and positions) in both files is refused; so is the same QM9
+    molecule (``qm9_index``, where the files carry it) unless both files are frames of one
+    single molecule (a trajectory split by frame, the MD17 setting).
+    """
+    same = len(_frame_keys(mols, train) & _frame_keys(mols, evaluated))
+    if same:
+        raise IrrepscopeError(f"{same} structures (same atoms and positions) are in both --molecules and --train-molecules")
     index = mols.properties[QM9_INDEX]
     shared = np.intersect1d(index[train], index[evaluated])
     shared = shared[shared >= 0]
-    if len(shared):
+    if len(shared) and len(np.unique(index[index >= 0])) > 1:
         raise IrrepscopeError(f"{len(shared)} molecules (by qm9_index) are in both --molecules and --train-molecules")
 
 
@@ -182,7 +199,7 @@ def analyze_nequip(
         splits = load_split(run.split)
         indices = split_indices(splits, split, max_molecules, seed, run.root)
         train, target, source = np.asarray(splits["train"], dtype=np.int64), config.data.target, str(run.root)
-        mols = load_structures(config.data)
+        mols = load_run_structures(config.data, run.split)
     else:
         if train_molecules is None:
             raise IrrepscopeError(

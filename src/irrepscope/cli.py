@@ -293,9 +293,10 @@ def analyze(
             f"{result['n_molecules']} {result['split']} molecules; unused orders {result['unused_orders']}"
         )
         return
-    if molecules is not None or out is not None or train_molecules is not None:
+    if molecules is not None or out is not None or train_molecules is not None or (energy_key, forces_key) != ("energy", "forces"):
         raise IrrepscopeError(
-            "--molecules, --train-molecules and --out are for NequIP models; a run is analysed into RUN_DIR/analysis/"
+            "--molecules, --train-molecules, --out, --energy-key and --forces-key are for NequIP models (a run reads its "
+            "own data.source with its own keys); a run is analysed into RUN_DIR/analysis/"
         )
     result = analyze_run(
         run_dir,
@@ -329,14 +330,14 @@ def export(run_dir: str | None, out: str, limit: int | None, seed: int, target: 
     """Write QM9 molecules as extxyz (train/val/test): a run's own split, or a seeded subset, for other codes."""
     from irrepscope.config import MAX_SEED, DataConfig
     from irrepscope.data.export import export_split
-    from irrepscope.data.sources import load_structures
+    from irrepscope.data.sources import load_run_structures, load_structures
     from irrepscope.data.split import load_split, random_split
     from irrepscope.training.runs import RunDir
 
     if run_dir is not None:
         run = RunDir.at(run_dir).require()
         config = run.load_config()
-        mols = load_structures(config.data)
+        mols = load_run_structures(config.data, run.split)
         split, target = load_split(run.split, len(mols)), config.data.target
     else:
         data = DataConfig(target=target, limit=limit)

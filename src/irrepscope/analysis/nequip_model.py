@@ -44,7 +44,7 @@ from ase.data import chemical_symbols
 from e3nn import o3
 
 from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook
-from irrepscope.data.structures import Structures
+from irrepscope.data.structures import Structures, refuse_periodic
 from irrepscope.errors import IrrepscopeError
 
 NODE_FEATURES = "node_features"
@@ -192,6 +192,7 @@ class NequIPModel(AnalysedModel):
         return list(self.model.parameters())
 
     def batches(self, mols: Structures, indices: np.ndarray, batch_size: int) -> Iterator[ModelBatch]:
+        refuse_periodic(mols, indices, who="the NequIP analysis (it builds no periodic images)")
         for start in range(0, len(indices), batch_size):
             chunk = [mols.structure(int(i)) for i in indices[start : start + batch_size]]
             yield self.batch_from_structures(chunk)

@@ -64,6 +64,7 @@ class OwnModel(AnalysedModel):
 
     @property
     def supports_forces(self) -> bool:
+        """Energy models (scalar output): their forces are -dE/dx, also when trained on energies alone."""
         return self.model.scalar_output
 
     def energy_and_forces(self, batch: ModelBatch, hook: NodeHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,15 @@ def unit_of(target: str) -> str:
     return PROPERTIES[target][0]
 
 
+# Targets that are energies of the structure: their gradient with respect to the positions is a force.
+ENERGY_TARGETS = frozenset({"U0_atomization", "U_atomization", "H_atomization", "G_atomization", "U0", ENERGY})
+
+
+def is_energy(target: str) -> bool:
+    """Whether ``target`` is an energy (eV) whose negative gradient is a force."""
+    return target in ENERGY_TARGETS
+
+
 def is_extensive(target: str) -> bool:
     """Whether ``target`` grows with the number of atoms (a per-element reference applies)."""
     return target in EXTENSIVE_TARGETS

@@ -36,16 +36,45 @@ def source_path(source: str) -> Path:
     return path
 
 
-def load_structures(data: "DataConfig", progress: bool = False) -> Structures:
-    """The structures of ``data.source``: QM9 (cached), or every frame of a structure file with energies and forces."""
+def load_structures(data: "DataConfig", progress: bool = False, require_forces: bool = False) -> Structures:
+    """The structures of ``data.source``: QM9 (cached), or every frame of a structure file with energies and forces.
+
+    A file's forces are read when every frame carries them (``require_forces``: they must).
+    """
     if data.from_qm9:
         from irrepscope.data.qm9 import load_qm9
 
         return load_qm9(data.cache_dir, progress=progress)
     from irrepscope.data.xyz import read_extxyz
 
-    structures, _ = read_extxyz([source_path(data.source)], data.energy_key, data.forces_key, require_forces=False)
+    structures, _ = read_extxyz([source_path(data.source)], data.energy_key, data.forces_key, require_forces=require_forces)
     return structures
+
+
+def source_fingerprint(data: "DataConfig") -> dict[str, str] | None:
+    """What pins a run to its structure file: the file's sha256 (None for QM9, whose cache pins its own source)."""
+    if data.from_qm9:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    with source_path(data.source).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"source_sha256": digest.hexdigest()}
+
+
+def check_source(data: "DataConfig", meta: dict, where: str) -> None:
+    """Refuse a run whose structure file is not the one it was split on (a split indexes the file's frames)."""
+    recorded = meta.get("source_sha256")
+    if recorded is None or data.from_qm9:
+        return
+    now = source_fingerprint(data)["source_sha256"]
+    if now != recorded:
+        raise IrrepscopeError(
+            f"{where}: data.source {shorten(data.source)} is not the file this run was split on (sha256 "
+            f"{now[:12]}... now, {recorded[:12]}... recorded): its split would index other structures"
+        )
 
 
 def split_groups(structures: Structures, group_by: str) -> np.ndarray | None:
@@ -63,7 +92,21 @@ def split_groups(structures: Structures, group_by: str) -> np.ndarray | None:
         if index is None or np.any(index < 0):
             raise IrrepscopeError("data.group_by: qm9_index, but the structures do not all carry a qm9_index")
         return index
-    if index is None or np.any(index < 0):
+    if index is None:
         return None
-    distinct = len(np.unique(index))
-    return index if 1 < distinct < len(index) else None
+    known = index[index >= 0]
+    distinct = len(np.unique(known))
+    if not 1 < distinct < len(known):
+        return None
+    # Frames without a qm9_index (-1) stay on their own: each gets a label no molecule has.
+    return np.where(index >= 0, index, -1 - np.arange(len(index)))
+
+
+def load_run_structures(data: "DataConfig", split_path: str | Path, require_forces: bool = False) -> Structures:
+    """A run's structures, checked against what its split recorded (the file's sha256), so the split indexes the same frames."""
+    from irrepscope.data.split import load_split_meta
+
+    structures = load_structures(data, require_forces=require_forces)
+    if not data.from_qm9 and Path(split_path).is_file():
+        check_source(data, load_split_meta(split_path), str(Path(split_path).parent))
+    return structures

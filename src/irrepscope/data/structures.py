@@ -166,10 +166,10 @@ class Structures:
             atomic_numbers=np.concatenate(zs),
             positions=np.concatenate(ps),
             atom_ptr=pointer(np.array([len(z) for z in zs])),
-            properties=dict(properties or {}),
-            atom_properties=dict(atom_properties or {}),
-            cell=cell,
-            pbc=pbc,
+            properties={k: _array(v) for k, v in (properties or {}).items()},
+            atom_properties={k: _array(v) for k, v in (atom_properties or {}).items()},
+            cell=None if cell is None else np.asarray(cell, dtype=np.float64),
+            pbc=None if pbc is None else np.asarray(pbc, dtype=bool),
         )
         out.validate()
         return out
@@ -200,6 +200,12 @@ class Structures:
             )
         if not ok:
             raise IrrepscopeError("inconsistent structure arrays (corrupt data or cache)")
+
+
+def _array(values) -> np.ndarray:
+    """A property as a numpy array; strings (e.g. SMILES) as an object array, so that indexing keeps them whole."""
+    array = np.asarray(values)
+    return array.astype(object) if array.dtype.kind in "US" else array
 
 
 def refuse_periodic(structures: Structures, indices: np.ndarray | None = None, who: str = "irrepscope's own model") -> None:

@@ -14,6 +14,27 @@ from irrepscope.data.structures import ENERGY, FORCES, QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError, shorten
 
 
+# ASE's extxyz reader seeks back and forth in the file, and every backward seek in a gzip stream
+# restarts the decompression: reading 4,000 frames of a .extxyz.gz took minutes. Compressed XYZ
+# files are decompressed into memory first (a few MB), which makes the same read take seconds.
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def _ase_read_all(path: Path) -> list:
+    import importlib
+    import io
+
+    import ase.io
+
+    inner = Path(path.stem)  # "frames.extxyz" of "frames.extxyz.gz"
+    if path.suffix in _COMPRESSED and inner.suffix in (".extxyz", ".xyz"):
+        opener = importlib.import_module(_COMPRESSED[path.suffix]).open
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        return ase.io.read(io.StringIO(text), index=":", format="extxyz")
+    return ase.io.read(path, index=":")
+
+
 def _read_frames(path: str | os.PathLike) -> list:
     """Every frame of ``path`` as ASE Atoms, with one-line errors for what ASE cannot read."""
     import ase.io  # heavy import, only needed here
@@ -22,7 +43,7 @@ def _read_frames(path: str | os.PathLike) -> list:
     if not path.is_file():
         raise IrrepscopeError(f"structure file {path} not found")
     try:
-        frames = ase.io.read(path, index=":")
+        frames = _ase_read_all(path)
     except KeyError as err:
         # ASE's XYZ reader raises KeyError(symbol) for an element symbol it does not know.
         raise IrrepscopeError(f"{path}: unknown element symbol {err.args[0]!r}") from None
@@ -49,7 +70,8 @@ def _label(atoms: Any, key: str, table: dict, where: str, what: str) -> Any:
         return table[key]
     if atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
         return atoms.calc.results[key]  # extxyz's `energy=` and `forces` column become the frame's calculator results
-    raise IrrepscopeError(f"{where} has no {what} {key!r} (give the file's key with --{what.split()[-1]}-key)")
+    option = what.split()[-1]
+    raise IrrepscopeError(f"{where} has no {what} {key!r} (give the file's key: data.{option}_key or --{option}-key)")
 
 
 def _energy(atoms: Any, key: str, where: str) -> float:
@@ -96,16 +118,16 @@ def _cell(frames: list, where: str) -> tuple[np.ndarray | None, np.ndarray | Non
 def read_extxyz(
     paths: Sequence[str | os.PathLike],
     energy_key: str | None = ENERGY,
-    forces_key: str | None = None,
-    require_forces: bool = True,
+    forces_key: str | None = FORCES,
+    require_forces: bool = False,
 ) -> tuple[Structures, list[np.ndarray]]:
     """The frames of every file in ``paths`` as one :class:`Structures`, and each file's structure indices in it.
 
     ``energy_key`` (eV, ASE's and NequIP's ``energy`` by default) is stored as
     :data:`~irrepscope.data.structures.ENERGY` and ``forces_key`` (eV/Å) as
-    :data:`~irrepscope.data.structures.FORCES`; None reads no such label. With
-    ``require_forces=False`` files whose frames carry no forces at all are read without
-    them (some frames with and some without is still an error). A frame's
+    :data:`~irrepscope.data.structures.FORCES`; None reads no such label. The forces are
+    read when every frame carries them; with ``require_forces`` a frame without them is an
+    error. A frame's
     ``qm9_index`` (written by ``irrepscope export`` and ``irrepscope sample-xtb``) is kept,
     else -1; further numeric per-frame values that every frame carries (e.g.
     ``temperature_K``) become properties of the same name. Periodic frames keep their cell.
@@ -119,7 +141,7 @@ def read_extxyz(
     atom_properties: dict[str, np.ndarray] = {}
     if energy_key is not None:
         properties[ENERGY] = np.array([_energy(a, energy_key, w) for w, a in frames], dtype=np.float64)
-    if forces_key is not None and (require_forces or any(_has_forces(a, forces_key) for _, a in frames)):
+    if forces_key is not None and (require_forces or all(_has_forces(a, forces_key) for _, a in frames)):
         atom_properties[FORCES] = np.concatenate([_forces(a, forces_key, w) for w, a in frames])
     qm9 = []
     for where, atoms in frames:

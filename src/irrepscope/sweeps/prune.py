@@ -46,25 +46,40 @@ def read_usage(run_dir: str | Path) -> dict[str, Any]:
     return usage
 
 
+def _relative_effects(usage: dict[str, Any], row: dict[str, Any]) -> list[float]:
+    """An all-blocks row's MAE increases relative to the model's MAE on the same structures: energy, and forces if analysed.
+
+    Like with like: the all-blocks ablation is measured on a subset, against the model's MAE on that subset.
+    """
+    effects = [row["ablation_delta_mae_ev"] / usage.get("ablation_model_mae", usage["model_mae"])]
+    if usage.get("force_mae") and row.get("force_delta_mae") is not None:
+        effects.append(row["force_delta_mae"] / usage["force_mae"])
+    return effects
+
+
 def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
-    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE there."""
+    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE there.
+
+    Where the forces were analysed, the force MAE must stay below ``threshold`` x the model's force MAE too.
+    """
     if not threshold >= 0:
         raise IrrepscopeError(f"--threshold must be >= 0, got {threshold}")
-    # Like with like: the all-blocks ablation is measured on a subset, against the model's MAE on that subset.
-    limit = threshold * usage.get("ablation_model_mae", usage["model_mae"])
     return sorted(
         int(r["order"])
         for r in usage["rows"]
-        if r["block"] == "all" and int(r["order"]) != 0 and r["ablation_delta_mae_ev"] < limit
+        if r["block"] == "all" and int(r["order"]) != 0 and all(e < threshold for e in _relative_effects(usage, r))
     )
 
 
 def least_used(usage: dict[str, Any]) -> list[int]:
-    """The one order (never 0) whose removal after every block raises the MAE least: what to prune first."""
+    """The one order (never 0) whose removal after every block raises the MAE least: what to prune first.
+
+    With forces, "least" is the smaller of the two relative increases' maximum (energy and forces).
+    """
     rows = [r for r in usage["rows"] if r["block"] == "all" and int(r["order"]) != 0 and r["ablation_delta_mae_ev"] is not None]
     if not rows:
         raise IrrepscopeError("the model has no order besides 0 to prune")
-    return [int(min(rows, key=lambda r: r["ablation_delta_mae_ev"])["order"])]
+    return [int(min(rows, key=lambda r: max(_relative_effects(usage, r)))["order"])]
 
 
 def pruned_config(run_dir: str | Path, usage: dict[str, Any]) -> Config:

@@ -84,10 +84,10 @@ def _devices(metrics: list[dict[str, Any]], recorded: str) -> str:
 
 def _baseline(run: RunDir, target: str) -> dict[str, float]:
     from irrepscope.data.composition import baseline_errors
-    from irrepscope.data.sources import load_structures
+    from irrepscope.data.sources import load_run_structures
     from irrepscope.data.split import load_split
 
-    structures = load_structures(run.load_config().data)
+    structures = load_run_structures(run.load_config().data, run.split)
     split = load_split(run.split, len(structures))
     return baseline_errors(structures, split["train"], split["test"], target)
 

@@ -12,8 +12,8 @@ import torch
 
 from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
-from irrepscope.data.composition import FORCE_UNIT, baseline_errors, fit_composition, force_baseline_errors, unit_of
-from irrepscope.data.sources import load_structures
+from irrepscope.data.composition import FORCE_UNIT, baseline_errors, is_energy, fit_composition, force_baseline_errors, unit_of
+from irrepscope.data.sources import load_run_structures
 from irrepscope.data.structures import ENERGY, FORCES, Structures, segment_indices
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
@@ -180,10 +180,10 @@ def evaluate_run(
     run = RunDir.at(run_dir).require()
     model, config, state = model_from_checkpoint(run.checkpoint(which), resolve_device(device))
     if mols is None:
-        mols = load_structures(config.data)
+        mols = load_run_structures(config.data, run.split)
     splits = load_split(run.split, len(mols))
     indices = splits[split]
-    with_forces = FORCES in mols.atom_properties and model.scalar_output
+    with_forces = FORCES in mols.atom_properties and is_energy(config.data.target)
     pred = predict_all(model, mols, indices, config, forces=with_forces)
     target = mols.properties[config.data.target][indices]
     metrics = {**regression_metrics(pred.prediction, target), **baseline_errors(mols, splits["train"], indices, config.data.target)}

@@ -9,7 +9,7 @@ import numpy as np
 from ase.data import chemical_symbols
 from ase.formula import Formula
 
-from irrepscope.data.composition import FORCE_UNIT, unit_of
+from irrepscope.data.composition import FORCE_UNIT, is_energy, unit_of
 from irrepscope.data.qm9 import ATOM_REF_U0_HARTREE
 from irrepscope.data.structures import refuse_periodic
 from irrepscope.data.xyz import check_elements, read_structures
@@ -58,7 +58,7 @@ def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best"
         except IrrepscopeError as exc:
             raise IrrepscopeError(f"{path}, molecule {i}: {exc}") from None
     model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint))
-    pred = predict_all(model, structures, np.arange(len(structures)), config, batch_size, forces=model.scalar_output)
+    pred = predict_all(model, structures, np.arange(len(structures)), config, batch_size, forces=is_energy(config.data.target))
     unit = unit_of(config.data.target)
     results = []
     for i in range(len(structures)):
@@ -75,7 +75,7 @@ def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best"
         if pred.forces is not None:
             forces = pred.forces[structures.atom_ptr[i] : structures.atom_ptr[i + 1]]
             _finite(forces, "force", path, i)
-            result.update(forces=forces.tolist(), force_unit=FORCE_UNIT if unit == "eV" else f"{unit}/Å")
+            result.update(forces=forces.tolist(), force_unit=FORCE_UNIT)
         notes = [f"outside QM9: {note}; the prediction is an extrapolation" for note in outside_qm9(z)]
         if i == 0 and pred.forces is not None and config.data.graph == "bond":  # said once, on the first structure
             notes.append("forces of a bond-graph model: non-bonded atoms exert none, and they jump where a bond is perceived or lost")

@@ -34,8 +34,8 @@ from irrepscope.config import Config, TrainConfig, recipe_differences
 from irrepscope.data.batching import iterate_batches
 from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, force_baseline_errors, unit_of
 from irrepscope.data.multipoles import is_equivariant
-from irrepscope.data.sources import load_structures, split_groups
-from irrepscope.data.split import load_split, random_split, save_split
+from irrepscope.data.sources import check_source, load_structures, source_fingerprint, split_groups
+from irrepscope.data.split import load_split, load_split_meta, random_split, save_split
 from irrepscope.data.structures import FORCES, Structures, refuse_periodic, segment_indices
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
@@ -185,7 +185,7 @@ class Trainer:
         self.config = config
         self.run = RunDir.at(run_dir)
         self.progress = progress
-        self.mols = mols if mols is not None else load_structures(config.data, progress=progress)
+        self.mols = mols if mols is not None else load_structures(config.data, progress, config.train.force_weight > 0)
         refuse_periodic(self.mols)  # before anything is split or written
         self.forces = config.train.force_weight > 0
         if self.forces and FORCES not in self.mols.atom_properties:
@@ -225,7 +225,10 @@ class Trainer:
         self.run.write_config(cfg)
         meta = {"seed": cfg.train.seed, "fractions": cfg.data.split, "limit": cfg.data.limit}
         if not cfg.data.from_qm9:
-            meta.update(source=cfg.data.source, structures=len(self.mols), grouped_by="qm9_index" if groups is not None else "structure")
+            meta.update(
+                source=cfg.data.source, structures=len(self.mols), grouped_by="qm9_index" if groups is not None else "structure",
+                **source_fingerprint(cfg.data),
+            )
         save_split(self.run.split, split, meta)
         atomic_write_json(self.run.composition, composition)
         model.to(self.device, self.dtype)
@@ -234,6 +237,7 @@ class Trainer:
         return model, make_optimizer(model, cfg), progress
 
     def _resumed(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
+        check_source(self.config.data, load_split_meta(self.run.split), str(self.run.root))
         remove_stale_temporaries(self.run.root)
         remove_stale_temporaries(self.run.checkpoint("last").parent)
         state = load_checkpoint(self.run.checkpoint("last"), map_location=self.device)
