@@ -71,3 +71,22 @@ def test_least_used_prunes_exactly_the_smallest_ablation_effect():
     assert least_used({"rows": rows}) == [2]
     with pytest.raises(IrrepscopeError, match="no order besides 0"):
         least_used({"rows": rows[:1]})
+
+
+def test_pruning_a_force_field_weighs_the_forces():
+    """An order unused for the energy but used for the forces is not pruned, by any of the three rules."""
+    from irrepscope.analysis.usage import decide_orders
+    from irrepscope.sweeps.prune import least_used, unused_at
+
+    def row(l, de, df, fv):
+        return {"block": "all", "order": l, "ablation_delta_mae_ev": de, "verdict": "unused" if de < 0.001 else "used",
+                "force_delta_mae": df, "force_verdict": fv}  # fmt: skip
+
+    rows = [row(0, 1.0, 1.0, "used"), row(1, 0.0, 0.2, "used"), row(2, 0.0, 0.0, "unused"), row(3, 0.05, 0.001, "used")]
+    usage = {"rows": rows, "model_mae": 0.1, "ablation_model_mae": 0.1, "force_mae": 0.3}
+    assert decide_orders([0, 1, 2, 3], rows)[0] == [2]
+    assert unused_at(usage, 0.01) == [2]
+    assert least_used(usage) == [2]
+    rows[2]["force_delta_mae"], rows[2]["force_verdict"] = 0.5, "used"  # now l = 2 matters for the forces
+    assert decide_orders([0, 1, 2, 3], rows)[0] == [] and unused_at(usage, 0.01) == []
+    assert least_used(usage) == [3]  # max(0.05/0.1, 0.001/0.3) = 0.5 < l=1's 0.2/0.3 and l=2's 0.5/0.3

@@ -79,6 +79,8 @@ def least_used(usage: dict[str, Any]) -> list[int]:
     rows = [r for r in usage["rows"] if r["block"] == "all" and int(r["order"]) != 0 and r["ablation_delta_mae_ev"] is not None]
     if not rows:
         raise IrrepscopeError("the model has no order besides 0 to prune")
+    if not usage.get("force_mae"):  # energies only: the smallest increase (the same ranking as relative to the MAE)
+        return [int(min(rows, key=lambda r: r["ablation_delta_mae_ev"])["order"])]
     return [int(min(rows, key=lambda r: max(_relative_effects(usage, r)))["order"])]
 
 
