@@ -237,7 +237,8 @@ class Trainer:
         return model, make_optimizer(model, cfg), progress
 
     def _resumed(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
-        check_source(self.config.data, load_split_meta(self.run.split), str(self.run.root))
+        if not self.config.data.from_qm9 and self.run.split.is_file():  # a structure file: still the one split on?
+            check_source(self.config.data, load_split_meta(self.run.split), str(self.run.root))
         remove_stale_temporaries(self.run.root)
         remove_stale_temporaries(self.run.checkpoint("last").parent)
         state = load_checkpoint(self.run.checkpoint("last"), map_location=self.device)
