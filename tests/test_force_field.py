@@ -5,14 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import irrepscope as irs
 from helpers import run_cli as cli
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.data.export import export_split
 from irrepscope.data.split import load_split
-from irrepscope.data.structures import FORCES, segment_indices
+from irrepscope.data.structures import FORCES
 from irrepscope.data.xtb_md import sample_md
 from irrepscope.data.xyz import read_extxyz
 
@@ -98,8 +97,7 @@ def test_analysis_reports_force_usage(force_run, xtb_file):
     model = run.analysed()
     idx = split["test"]
     (batch,) = list(model.batches(structures, idx, len(idx)))
-    atoms, _ = segment_indices(structures.atom_ptr, idx)
-    truth = structures.atom_properties[FORCES][atoms]
+    truth = structures.atom_values(FORCES, idx)
     _, base = model.energy_and_forces(batch)
     _, ablated = model.energy_and_forces(batch, lambda i, x: model.zero_order(i, x, 1) if i == 0 else x)
     expected = np.mean(np.abs(ablated.double().numpy() - truth)) - np.mean(np.abs(base.double().numpy() - truth))

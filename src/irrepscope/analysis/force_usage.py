@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from irrepscope.analysis.interface import AnalysedModel
-from irrepscope.data.structures import FORCES, Structures, segment_indices
+from irrepscope.data.structures import FORCES, Structures
 
 Progress = Callable[[Iterable, int, str], Iterable]
 
@@ -57,8 +57,7 @@ def force_pass(
     count = 0
     chunks = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
     for chunk in progress(chunks, len(chunks), "force ablations"):
-        atoms, _ = segment_indices(structures.atom_ptr, chunk)
-        truth = structures.atom_properties[FORCES][atoms]
+        truth = structures.atom_values(FORCES, chunk)
         (batch,) = list(model.batches(structures, chunk, len(chunk)))
         _, forces = model.energy_and_forces(batch)
         err = forces.double().cpu().numpy() - truth

@@ -19,8 +19,7 @@ from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.force_usage import ForcePass, force_pass
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
-from irrepscope.data.composition import baseline_errors, baseline_name, baseline_rule, unit_of
-from irrepscope.data.composition import FORCE_UNIT
+from irrepscope.data.composition import FORCE_UNIT, baseline_errors, baseline_name, baseline_rule, unit_of
 from irrepscope.data.structures import FORCES, SMILES, Structures
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv

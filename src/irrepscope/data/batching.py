@@ -40,11 +40,6 @@ class Batch:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary targets, [G, k] each
     forces: torch.Tensor | None = None  # float [N, 3], eV/Å
 
-    @property
-    def atoms_per_graph(self) -> torch.Tensor:
-        """long [G]: the number of atoms of each structure."""
-        return torch.bincount(self.batch, minlength=self.num_graphs)
-
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on ``device``."""
         return replace(

@@ -18,9 +18,8 @@ import json
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Sequence
+from typing import IO, Iterable
 
 import numpy as np
 from tqdm import tqdm

@@ -64,15 +64,23 @@ def source_fingerprint(data: "DataConfig") -> dict[str, str] | None:
     return {"source_sha256": digest.hexdigest()}
 
 
-def check_source(data: "DataConfig", meta: dict, where: str) -> None:
-    """Refuse a run whose structure file is not the one it was split on (a split indexes the file's frames)."""
-    recorded = meta.get("source_sha256")
-    if recorded is None or data.from_qm9:
+def check_source(data: "DataConfig", split_path: str | Path) -> None:
+    """Refuse a run whose structure file is not the one its ``split.json`` was made on (a split indexes the file's frames).
+
+    Nothing to check for QM9, for a run without a split yet, or for a split that recorded no sha256.
+    """
+    from irrepscope.data.split import load_split_meta
+
+    split_path = Path(split_path)
+    if data.from_qm9 or not split_path.is_file():
+        return
+    recorded = load_split_meta(split_path).get("source_sha256")
+    if recorded is None:
         return
     now = source_fingerprint(data)["source_sha256"]
     if now != recorded:
         raise IrrepscopeError(
-            f"{where}: data.source {shorten(data.source)} is not the file this run was split on (sha256 "
+            f"{split_path.parent}: data.source {shorten(data.source)} is not the file this run was split on (sha256 "
             f"{now[:12]}... now, {recorded[:12]}... recorded): its split would index other structures"
         )
 
@@ -104,9 +112,6 @@ def split_groups(structures: Structures, group_by: str) -> np.ndarray | None:
 
 def load_run_structures(data: "DataConfig", split_path: str | Path, require_forces: bool = False) -> Structures:
     """A run's structures, checked against what its split recorded (the file's sha256), so the split indexes the same frames."""
-    from irrepscope.data.split import load_split_meta
-
     structures = load_structures(data, require_forces=require_forces)
-    if not data.from_qm9 and Path(split_path).is_file():
-        check_source(data, load_split_meta(split_path), str(Path(split_path).parent))
+    check_source(data, split_path)
     return structures

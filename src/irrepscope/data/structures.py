@@ -75,10 +75,6 @@ class Structures:
     def __len__(self) -> int:
         return len(self.atom_ptr) - 1
 
-    @property
-    def num_atoms_total(self) -> int:
-        return len(self.atomic_numbers)
-
     def num_atoms(self, i: int | None = None) -> int | np.ndarray:
         """Number of atoms of structure ``i``, or of every structure [M] when ``i`` is None."""
         if i is None:
@@ -94,9 +90,10 @@ class Structures:
         """The per-atom property ``name`` of structure ``i`` (a view)."""
         return self.atom_properties[name][self.atom_ptr[i] : self.atom_ptr[i + 1]]
 
-    def has(self, name: str) -> bool:
-        """Whether a per-structure or per-atom property ``name`` is present."""
-        return name in self.properties or name in self.atom_properties
+    def atom_values(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The per-atom property ``name`` of the atoms of ``structures[indices]``, concatenated in that order (batch order)."""
+        atoms, _ = segment_indices(self.atom_ptr, np.asarray(indices, dtype=np.int64).reshape(-1))
+        return self.atom_properties[name][atoms]
 
     @property
     def periodic(self) -> np.ndarray:

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from irrepscope.data.structures import QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError, shorten
 
 METHOD = "GFN2-xTB"
@@ -84,20 +85,17 @@ class SampleResult:
     sidecar: Path | None = None
 
 
-# --- QM9 access (works with the old ``Molecules`` and the new ``Structures`` API) --------------------
+# --- QM9 access -------------------------------------------------------------------------------------
 
 
-def _qm9_indices(mols: Any) -> np.ndarray:
-    """QM9 index of every entry of ``mols`` (int64, ascending)."""
-    props = getattr(mols, "properties", None)
-    if isinstance(props, dict) and "qm9_index" in props:
-        return np.asarray(props["qm9_index"], dtype=np.int64)
-    return np.asarray(mols.qm9_index, dtype=np.int64)
+def _qm9_indices(mols: Structures) -> np.ndarray:
+    """QM9 index of every QM9 structure (int64, ascending)."""
+    return np.asarray(mols.properties[QM9_INDEX], dtype=np.int64)
 
 
-def _qm9_geometry(mols: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Atomic numbers [n] and positions [n, 3] (Å) of entry ``i`` of ``mols`` (copies)."""
-    z, pos = mols.structure(i) if hasattr(mols, "structure") else mols.molecule(i)
+def _qm9_geometry(mols: Structures, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Atomic numbers [n] and positions [n, 3] (Å) of structure ``i`` (copies: they travel to worker processes)."""
+    z, pos = mols.structure(i)
     return np.array(z, dtype=np.int64), np.array(pos, dtype=np.float64)
 
 

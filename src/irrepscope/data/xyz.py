@@ -37,8 +37,6 @@ def _ase_read_all(path: Path) -> list:
 
 def _read_frames(path: str | os.PathLike) -> list:
     """Every frame of ``path`` as ASE Atoms, with one-line errors for what ASE cannot read."""
-    import ase.io  # heavy import, only needed here
-
     path = Path(path)
     if not path.is_file():
         raise IrrepscopeError(f"structure file {path} not found")

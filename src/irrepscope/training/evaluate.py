@@ -14,7 +14,7 @@ from irrepscope.config import Config
 from irrepscope.data.batching import iterate_batches
 from irrepscope.data.composition import FORCE_UNIT, baseline_errors, is_energy, fit_composition, force_baseline_errors, unit_of
 from irrepscope.data.sources import load_run_structures
-from irrepscope.data.structures import ENERGY, FORCES, Structures, segment_indices
+from irrepscope.data.structures import ENERGY, FORCES, Structures
 from irrepscope.data.split import load_split
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
@@ -154,8 +154,7 @@ def energy_force_metrics(mols: Structures, indices: np.ndarray, pred: Prediction
         "baseline_mae_per_atom_ev": float(np.mean(np.abs(baseline - target) / n)),
     }
     if pred.forces is not None:
-        atoms, _ = segment_indices(mols.atom_ptr, indices)
-        true = mols.atom_properties[FORCES][atoms]
+        true = mols.atom_values(FORCES, indices)
         err = pred.forces - true
         out.update(
             {
@@ -163,7 +162,7 @@ def energy_force_metrics(mols: Structures, indices: np.ndarray, pred: Prediction
                 "force_rmse": float(np.sqrt(np.mean(err**2))),
                 **force_baseline_errors(true),
                 "force_unit": FORCE_UNIT,
-                "n_atoms": int(len(atoms)),
+                "n_atoms": int(len(true)),
             }
         )
     return out

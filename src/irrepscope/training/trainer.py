@@ -35,11 +35,11 @@ from irrepscope.data.batching import iterate_batches
 from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, force_baseline_errors, unit_of
 from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.sources import check_source, load_structures, source_fingerprint, split_groups
-from irrepscope.data.split import load_split, load_split_meta, random_split, save_split
-from irrepscope.data.structures import FORCES, Structures, refuse_periodic, segment_indices
+from irrepscope.data.split import load_split, random_split, save_split
+from irrepscope.data.structures import FORCES, Structures, refuse_periodic
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
-from irrepscope.training.evaluate import Predictions, evaluate_run, predict_all, regression_metrics, resolve_device, torch_dtype
+from irrepscope.training.evaluate import evaluate_run, predict_all, regression_metrics, resolve_device, torch_dtype
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
 
 
@@ -237,8 +237,7 @@ class Trainer:
         return model, make_optimizer(model, cfg), progress
 
     def _resumed(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
-        if not self.config.data.from_qm9 and self.run.split.is_file():  # a structure file: still the one split on?
-            check_source(self.config.data, load_split_meta(self.run.split), str(self.run.root))
+        check_source(self.config.data, self.run.split)  # a structure file: still the one the run was split on?
         remove_stale_temporaries(self.run.root)
         remove_stale_temporaries(self.run.checkpoint("last").parent)
         state = load_checkpoint(self.run.checkpoint("last"), map_location=self.device)
@@ -284,7 +283,7 @@ class Trainer:
         rows = self.run.read_metrics()
         target = self.mols.properties[cfg.data.target]
         baseline_val = baseline_errors(self.mols, split["train"], split["val"], cfg.data.target)["baseline_mae_ev"]
-        val_forces = self._atoms_forces(split["val"]) if self.forces else None
+        val_forces = self.mols.atom_values(FORCES, split["val"]) if self.forces else None
         unit = unit_of(cfg.data.target)
         for epoch in range(progress["epoch"], cfg.train.epochs):
             t0 = time.perf_counter()
@@ -388,16 +387,11 @@ class Trainer:
         bar.close()
         return total / max(n_mol, 1), n_mol
 
-    def _atoms_forces(self, indices: np.ndarray) -> np.ndarray:
-        """The reference forces [A, 3] of ``mols[indices]``' atoms, in batch order."""
-        atoms, _ = segment_indices(self.mols.atom_ptr, np.asarray(indices, dtype=np.int64))
-        return self.mols.atom_properties[FORCES][atoms]
-
     @property
     def force_scale(self) -> float:
         """The RMS of the training split's force components (eV/Å): the force loss's unit, from the training data only."""
         if not hasattr(self, "_force_scale"):
-            rms = _rms(self._atoms_forces(load_split(self.run.split)["train"]))
+            rms = _rms(self.mols.atom_values(FORCES, load_split(self.run.split)["train"]))
             self._force_scale = rms if rms > 0 else 1.0
         return self._force_scale
 
