@@ -33,3 +33,12 @@ def run_cli(*args: str) -> int:
     except SystemExit as exc:
         return exc.code
     return 0
+
+
+def one_line_error(capsys, code: int, match: str) -> str:
+    """Assert that a CLI call failed with status 2 and one ``error:`` line containing ``match``; return the line."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    return err

@@ -9,21 +9,13 @@ import pytest
 from ase import Atoms
 from ase.io import write
 
-from helpers import run_cli as cli
+from helpers import one_line_error, run_cli as cli
 from irrepscope.config import ModelConfig, config_from_dict
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "quick" / "tiny.yaml")
-
-
-def one_line_error(capsys, code, match):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import irrepscope as irs
-from helpers import run_cli as cli
+from helpers import one_line_error, run_cli as cli
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.data.export import export_split
 from irrepscope.data.split import load_split
@@ -132,13 +132,6 @@ def test_extxyz_round_trips_energies_and_forces(xtb_file, tmp_path):
     np.testing.assert_array_equal(again.properties["qm9_index"], structures.properties["qm9_index"][both])
 
 
-def one_line_error(capsys, code, match):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
-
-
 def write_frames(path, frames_spec, xtb_file):
     """Frames of the xTB file with their labels edited by ``frames_spec(atoms, k)``."""
     import ase.io
@@ -190,7 +183,9 @@ def _periodic(atoms, k):
 )
 def test_bad_force_field_input_is_one_line(edit, sets, match, xtb_file, tmp_path, capsys):
     source = write_frames(tmp_path / "edited.extxyz", edit, xtb_file) if edit is not None else xtb_file
-    args = ["train", TINY, "--out", str(tmp_path / "run"), "--quiet", "--set", f"data.source={source}", "--set", "data.limit=null"]
+    args = ["train", TINY, "--out", str(tmp_path / "run"), "--quiet", "--set", "data.limit=null"]
+    if not any(s.startswith("data.source=") for s in sets):  # each key once: --set twice is an error
+        args += ["--set", f"data.source={source}"]
     for s in sets:
         args += ["--set", s]
     one_line_error(capsys, cli(*args), match)

@@ -185,9 +185,10 @@ def test_training_times_of_different_devices_are_not_averaged_together():
 def _one_config_sweep(tmp_path, seeds, extra_set=""):
     """A sweep of the tiny config over ``seeds``; ``extra_set`` adds lines to its ``set``."""
     path = tmp_path / "one.yaml"
+    epochs = "" if "train.epochs" in extra_set else "  train.epochs: 2\n"  # a key twice is an error
     path.write_text(
         f"name: one\nconfigs:\n  - {{name: tiny, config: {ROOT}/configs/quick/tiny.yaml}}\nseeds: {seeds}\n"
-        f"set:\n  data.limit: 160\n  train.epochs: 2\n  train.max_train_batches: 2\n{extra_set}"
+        f"set:\n  data.limit: 160\n{epochs}  train.max_train_batches: 2\n{extra_set}"
     )
     return path
 

@@ -10,7 +10,7 @@ import torch
 from ase import Atoms
 from ase.io import write
 
-from helpers import run_cli as cli
+from helpers import one_line_error, run_cli as cli
 from irrepscope.training.runs import RunDir, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +83,6 @@ def test_info_json(capsys):
 
 
 # -- bad input: one line on stderr, exit status 2, nothing already written is damaged -----
-
-
-def one_line_error(capsys, code, match):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert match in err, err
 
 
 @pytest.mark.parametrize(

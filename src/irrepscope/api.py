@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,15 @@ from tqdm.auto import tqdm
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
+from irrepscope.analysis.usage import check_count
 from irrepscope.config import Config
 from irrepscope.data.composition import unit_of
 from irrepscope.data.sources import load_run_structures
 from irrepscope.data.structures import ENERGY, QM9_INDEX, Structures
 from irrepscope.data.split import load_split
-from irrepscope.errors import IrrepscopeError
+from irrepscope.atomic import recover_directory
+from irrepscope.errors import IrrepscopeError, shorten
+from irrepscope.locks import lock_output, lock_run
 from irrepscope.model.network import EquivariantGraphConv
 from irrepscope.training.evaluate import model_from_checkpoint, resolve_device
 from irrepscope.sweeps.runner import run_state
@@ -60,8 +62,11 @@ class Run:
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu", mols: Structures | None = None) -> Run:
     """Load a run directory's checkpoint, config and split (and its structures, unless ``mols`` is given)."""
-    run = RunDir.at(run_dir).require()
-    model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint), resolve_device(device))
+    if checkpoint not in CHECKPOINTS:
+        raise IrrepscopeError(f"checkpoint must be one of {CHECKPOINTS}, got {shorten(checkpoint)}")
+    run = RunDir.at(_path(run_dir, "run_dir")).require()
+    model, config, state = model_from_checkpoint(run.checkpoint(checkpoint), resolve_device(device))
+    run.check_checkpoint(state, checkpoint)
     if not run.split.is_file():
         raise IrrepscopeError(f"{run.root} has no split.json; the analysis needs the run's own split")
     if mols is None:
@@ -70,14 +75,23 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
     return Run(run.root, model, config, split, mols, checkpoint)
 
 
+CHECKPOINTS = ("best", "last")
+
+
+def _path(value: Any, what: str) -> Path:
+    """A path argument of the API, refused clearly when it is not one (as the CLI would)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise IrrepscopeError(f"{what} must be a path (str or pathlib.Path), got {shorten(value)}")
+    return Path(value)
+
+
 def split_indices(
     splits: dict[str, np.ndarray], split: str, max_molecules: int | None, seed: int, where: str | Path
 ) -> np.ndarray:
     """The molecules of one saved split, or a seeded random subset of ``max_molecules`` of them."""
     if split not in SPLITS:
         raise IrrepscopeError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if max_molecules is not None and max_molecules < 0:
-        raise IrrepscopeError(f"--max-molecules must be >= 0, got {max_molecules}")
+    max_molecules = check_count(max_molecules, "max_molecules")
     indices = np.asarray(splits[split], dtype=np.int64)
     if max_molecules is not None:
         # A seeded random subset: QM9 is ordered by size, so the first N of a split are its smallest molecules.
@@ -96,6 +110,10 @@ def analyze(
     ablation_molecules, batch_size, threshold, progress). Returns usage.json's content plus
     the map arrays under ``_maps``; writes nothing.
     """
+    if not isinstance(run, Run):
+        raise IrrepscopeError(
+            f"analyze takes a loaded run (irs.load_run(RUN_DIR)), got {shorten(run)}; irs.analyze_run(RUN_DIR) analyses a directory"
+        )
     indices = split_indices(run.split, split, max_molecules, seed, run.root)
     with torch.inference_mode(False):
         result = analyze_model(
@@ -120,34 +138,49 @@ def analyze_run(
     from irrepscope.report.analysis import write_analysis
 
     t0 = time.perf_counter()
-    run = load_run(run_dir, checkpoint, device)
-    result = analyze(run, split, max_molecules, **options)  # analyze_model checks --orders against the model
-    test_json = RunDir.at(run.root).test
-    test = json.loads(test_json.read_text()) if test_json.is_file() else None
-    return write_analysis(
-        run.root / "analysis", result, run.config.to_yaml(), test, progress=options.get("progress", True), started=t0
-    )
+    root = _path(run_dir, "run_dir")
+    with lock_run(root, "irrepscope analyze"):
+        recover_directory(root / "analysis")  # leftovers of a killed analysis: the previous one stays
+        run = load_run(root, checkpoint, device)
+        test = RunDir.at(run.root).read_test()  # refused if made from another best.pt
+        result = analyze(run, split, max_molecules, **options)  # analyze_model checks --orders against the model
+        result["pins"] = RunDir.at(run.root).pins(checkpoint)  # what prune and the sweep summary check it against
+        return write_analysis(
+            run.root / "analysis", result, run.config.to_yaml(), test, progress=options.get("progress", True), started=t0
+        )
 
 
 def _frame_keys(mols: Structures, indices: np.ndarray) -> set[bytes]:
-    """One key per structure: its atomic numbers and positions rounded to 1e-6 Å (identical frames, identical keys)."""
+    """One key per structure that a rigid motion or a reordering of its atoms does not change.
+
+    Its sorted atomic numbers and the sorted list of (element pair, distance rounded to
+    1e-4 Å) over all atom pairs: the same molecule translated, rotated, mirrored or with
+    its atoms renumbered has the same key, another conformer or another molecule of the
+    same formula does not.
+    """
     keys = set()
     for i in indices:
         z, pos = mols.structure(int(i))
-        keys.add(z.tobytes() + np.round(pos, 6).tobytes())
+        a, b = np.triu_indices(len(z), k=1)
+        d = np.round(np.linalg.norm(pos[a] - pos[b], axis=1), 4)
+        lo, hi = np.minimum(z[a], z[b]), np.maximum(z[a], z[b])
+        pairs = np.stack([lo.astype(np.float64), hi.astype(np.float64), d], axis=1)
+        pairs = pairs[np.lexsort((pairs[:, 2], pairs[:, 1], pairs[:, 0]))]
+        keys.add(np.sort(z).astype(np.int64).tobytes() + pairs.tobytes())
     return keys
 
 
 def _check_disjoint(mols: Structures, train: np.ndarray, evaluated: np.ndarray) -> None:
     """Refuse analysed structures that are also training structures.
 
-    The same frame (atoms and positions) in both files is refused; so is the same QM9
+    The same frame in both files is refused, by geometry (:func:`_frame_keys`: also when
+    translated, rotated or renumbered, with or without a ``qm9_index``); so is the same QM9
     molecule (``qm9_index``, where the files carry it) unless both files are frames of one
     single molecule (a trajectory split by frame, the MD17 setting).
     """
     same = len(_frame_keys(mols, train) & _frame_keys(mols, evaluated))
     if same:
-        raise IrrepscopeError(f"{same} structures (same atoms and positions) are in both --molecules and --train-molecules")
+        raise IrrepscopeError(f"{same} structures (the same geometry) are in both --molecules and --train-molecules")
     index = mols.properties[QM9_INDEX]
     shared = np.intersect1d(index[train], index[evaluated])
     shared = shared[shared >= 0]
@@ -186,38 +219,48 @@ def analyze_nequip(
     from irrepscope.report.analysis import write_analysis
 
     t0 = time.perf_counter()
-    model = NequIPModel.load(model_path)
-    if Path(molecules).is_dir():
-        if train_molecules is not None:
-            raise IrrepscopeError("--train-molecules is for a structure file; a run brings its own training split")
-        run = RunDir.at(molecules).require()
-        config = run.load_config()
-        if unit_of(config.data.target) != "eV":
-            raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
-        if not run.split.is_file():
-            raise IrrepscopeError(f"{run.root} has no split.json")
-        splits = load_split(run.split)
-        indices = split_indices(splits, split, max_molecules, seed, run.root)
-        train, target, source = np.asarray(splits["train"], dtype=np.int64), config.data.target, str(run.root)
-        mols = load_run_structures(config.data, run.split)
-    else:
-        if train_molecules is None:
-            raise IrrepscopeError(
-                f"analysing on the structure file {molecules} needs --train-molecules FILE (the molecules the model was "
-                "trained on: the composition baseline and the probes are fitted on them)"
-            )
-        if Path(train_molecules).resolve() == Path(molecules).resolve():
-            raise IrrepscopeError("--molecules and --train-molecules are the same file: the probes would see the analysed molecules")
-        mols, (train, evaluated) = read_extxyz([train_molecules, molecules], energy_key, forces_key, require_forces=False)
-        _check_disjoint(mols, train, evaluated)
-        indices = split_indices({"test": evaluated}, "test", max_molecules, seed, molecules)
-        split, target, source = Path(molecules).name, ENERGY, str(molecules)
-    with torch.inference_mode(False):
-        result = analyze_model(model, mols, indices, train, target=target, seed=seed, progress=progress, **options)
-    result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": source, **result}
-    out_dir = Path(out) if out is not None else Path(model_path).parent / "analysis"
-    text = f"NequIP model {model_path}\nlayers: {model.block_names}\nirreps: {[str(i) for i in model.block_irreps]}\n"
-    return write_analysis(out_dir, result, text, None, progress=progress, started=t0)
+    model_path, molecules = _path(model_path, "model_path"), _path(molecules, "molecules")
+    out_dir = _path(out, "out") if out is not None else model_path.parent / "analysis"
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "usage.json").is_file():
+        raise IrrepscopeError(f"{out_dir} holds files that are not an analysis (no usage.json); choose another --out")
+    with lock_output(out_dir, "irrepscope analyze"):
+        recover_directory(out_dir)
+        model = NequIPModel.load(model_path)
+        pins = None
+        if Path(molecules).is_dir():
+            if train_molecules is not None:
+                raise IrrepscopeError("--train-molecules is for a structure file; a run brings its own training split")
+            run = RunDir.at(molecules).require()
+            run.check_consistent()  # its checkpoints and test.json agree with its split
+            config = run.load_config()
+            if unit_of(config.data.target) != "eV":
+                raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
+            if not run.split.is_file():
+                raise IrrepscopeError(f"{run.root} has no split.json")
+            splits = load_split(run.split)
+            indices = split_indices(splits, split, max_molecules, seed, run.root)
+            train, target, source = np.asarray(splits["train"], dtype=np.int64), config.data.target, str(run.root)
+            mols = load_run_structures(config.data, run.split)
+            pins = run.pins()
+        else:
+            if train_molecules is None:
+                raise IrrepscopeError(
+                    f"analysing on the structure file {molecules} needs --train-molecules FILE (the molecules the model was "
+                    "trained on: the composition baseline and the probes are fitted on them)"
+                )
+            if Path(train_molecules).resolve() == Path(molecules).resolve():
+                raise IrrepscopeError("--molecules and --train-molecules are the same file: the probes would see the analysed molecules")
+            mols, (train, evaluated) = read_extxyz([train_molecules, molecules], energy_key, forces_key, require_forces=False)
+            _check_disjoint(mols, train, evaluated)
+            indices = split_indices({"test": evaluated}, "test", max_molecules, seed, molecules)
+            split, target, source = Path(molecules).name, ENERGY, str(molecules)
+        with torch.inference_mode(False):
+            result = analyze_model(model, mols, indices, train, target=target, seed=seed, progress=progress, **options)
+        result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": source, **result}
+        if pins is not None:
+            result["pins"] = pins
+        text = f"NequIP model {model_path}\nlayers: {model.block_names}\nirreps: {[str(i) for i in model.block_irreps]}\n"
+        return write_analysis(out_dir, result, text, None, progress=progress, started=t0)
 
 
 def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:

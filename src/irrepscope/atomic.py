@@ -71,3 +71,81 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# -- directories that land whole -------------------------------------------------------------
+# A multi-file output (an analysis, an export, a comparison) is written into a staging
+# sibling ``.NAME.staging-<id>`` and swapped onto ``NAME`` in one step: the kernel's
+# renameat2(RENAME_EXCHANGE) on Linux, else two renames with the old set parked as
+# ``.NAME.old-<id>``. A kill at any moment leaves the old set or the new one (plus
+# leftovers that :func:`recover_directory` removes, or puts back, on the next run).
+STAGING, OLD = ".staging-", ".old-"
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system or file system cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL / ENOSYS / EXDEV: fall back to two renames
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Clean up after a killed :func:`replace_directory` of ``target``: the set that was in place stays.
+
+    Staging directories are removed. If ``target`` is missing while a parked old set exists
+    (a kill between the two renames of the fallback), the old set is put back. Call it only
+    under the lock of whoever writes ``target``.
+    """
+    import shutil
+
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for staged in parent.glob(f".{target.name}{STAGING}*"):
+        shutil.rmtree(staged, ignore_errors=True)
+    olds = sorted(parent.glob(f".{target.name}{OLD}*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        os.rename(olds.pop(), target)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_directory(target: str | os.PathLike) -> Path:
+    """A fresh, empty staging sibling of ``target`` to write a new set of files into."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}", dir=target.parent))
+
+
+def replace_directory(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the complete ``staged`` directory onto ``target`` in one step; the old ``target`` (if any) is removed."""
+    import shutil
+
+    staged, target = Path(staged), Path(target)
+    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp made it 0700
+    for f in (*staged.iterdir(), staged):  # the new set is on disk before it is named
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if not target.exists():
+        os.rename(staged, target)
+        return target
+    if _exchange(staged, target):
+        shutil.rmtree(staged)  # now holds the old set
+        return target
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD}", dir=target.parent))
+    os.rename(target, old)  # (replaces the empty placeholder)
+    os.rename(staged, target)
+    shutil.rmtree(old)
+    return target

@@ -7,7 +7,6 @@ and exits with status 2.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,16 +17,26 @@ from irrepscope.analysis.usage import THRESHOLD
 from irrepscope.config import load_config
 from irrepscope.errors import IrrepscopeError
 
+def _unique_keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Click callback: a key set twice is an error, as in a YAML file (which value was meant?)."""
+    keys = [item.partition("=")[0].strip() for item in value]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise IrrepscopeError(f"--set {twice[0]} is given twice; give each key once")
+    return value
+
+
 set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value (repeatable)."
-)
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", callback=_unique_keys,
+    help="Override a config value (repeatable, each key once).",
+)  # fmt: skip
 
 
 def _finite_fraction(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """Click callback: a threshold must be a finite number >= 0 (NaN would silently declare every order unused)."""
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise IrrepscopeError(f"--{param.name} must be a finite number >= 0, got {value}")
-    return value
+    from irrepscope.analysis.usage import check_threshold
+
+    return None if value is None else check_threshold(value, f"--{param.name}")
 
 
 def _count(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -104,12 +113,16 @@ def train(config_path: str | None, out: str | None, resume_dir: str | None, over
 @click.option("--device", default="cpu", show_default=True)
 def evaluate(run_dir: str, split: str, checkpoint: str, device: str) -> None:
     """Recompute a run's metrics on its own saved split (writes test.json for the test split)."""
+    from irrepscope.locks import lock_run
     from irrepscope.training.evaluate import evaluate_run
     from irrepscope.training.runs import RunDir
 
-    metrics = evaluate_run(run_dir, split, checkpoint, device)
-    if split == "test" and checkpoint == "best":
-        RunDir.at(run_dir).write_test(metrics)
+    if split == "test" and checkpoint == "best":  # writes test.json: one writer at a time
+        with lock_run(run_dir, "irrepscope evaluate"):
+            metrics = evaluate_run(run_dir, split, checkpoint, device)
+            RunDir.at(run_dir).write_test(metrics)
+    else:
+        metrics = evaluate_run(run_dir, split, checkpoint, device)
     click.echo(json.dumps(metrics))
 
 
@@ -177,41 +190,51 @@ def sweep(sweep_file: str, out: str | None, workers: int, device: str | None, qu
 @click.option("--least-used", is_flag=True, help="Prune exactly one order: the one whose removal raises the MAE least.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None, least_used: bool, quiet: bool) -> None:
-    """Write RUN_DIR/pruned.yaml without the orders the analysis found unused; --train trains and compares it."""
+    """Write RUN_DIR/pruned.yaml without the orders the analysis found unused; --train trains and compares it.
+
+    The verdicts come from the run's analysis of best.pt on its test split with every order
+    analysed (else the run is analysed first, with a note saying why). An interrupted
+    --train is resumed by running the same command again.
+    """
     from irrepscope.atomic import atomic_write_text
-    from irrepscope.sweeps.prune import comparison_markdown, least_used as least_used_order, pruned_config, read_usage, unused_at, write_comparison
+    from irrepscope.locks import lock_run
+    from irrepscope.sweeps import prune as p
     from irrepscope.training.runs import RunDir
-    from irrepscope.training.trainer import train as train_run
 
     if least_used and threshold is not None:
         raise IrrepscopeError("--least-used and --threshold exclude each other")
-    from irrepscope.api import analyze_run
-    from irrepscope.sweeps.prune import usage_path
-
+    if out is not None and not do_train:
+        raise IrrepscopeError("--out is where --train trains the pruned run; without --train nothing is written there")
     original = RunDir.at(run_dir).require()
-    if not usage_path(run_dir).is_file():
-        analyze_run(run_dir, embedding="pca", progress=not quiet)
-    usage = read_usage(run_dir)
-    if threshold is not None:
-        usage["unused_orders"] = unused_at(usage, threshold)
-    elif least_used:
-        usage["unused_orders"] = least_used_order(usage)
-    config = pruned_config(run_dir, usage)
-    target = Path(run_dir) / "pruned.yaml"
-    atomic_write_text(target, config.to_yaml())
+    with lock_run(original.root, "irrepscope prune"):
+        usage = p.current_usage(run_dir, progress=not quiet)
+        rule = f"threshold {usage['threshold']:.3g} of the analysis"
+        if threshold is not None:
+            usage["unused_orders"], rule = p.unused_at(usage, threshold), f"threshold {threshold:.3g}"
+        elif least_used:
+            usage["unused_orders"], rule = p.least_used(usage), "the least used order"
+        config = p.pruned_config(run_dir, usage)
+        target = Path(run_dir) / "pruned.yaml"
+        atomic_write_text(target, config.to_yaml())
     before = original.load_config().model.orders
-    click.echo(f"orders {before} -> {config.model.orders} (unused: {usage['unused_orders']}); wrote {target}")
+    click.echo(
+        f"orders {before} -> {config.model.orders} (unused: {usage['unused_orders']}; from the analysis of best.pt on "
+        f"{usage['n_molecules']} test structures, {rule}); wrote {target}"
+    )
     if not do_train:
         return
     if config.model.orders == before:
         click.echo("nothing to prune: every order is used; not training")
         return
     out_dir = Path(out) if out else Path(str(Path(run_dir).resolve()) + "-pruned")
-    train_run(config, out_dir, progress=not quiet)
-    analyze_run(out_dir, embedding="pca", progress=not quiet)
-    comp = write_comparison(run_dir, out_dir)
-    click.echo(comparison_markdown(comp), nl=False)
-    click.echo(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
+    outcome = p.train_pruned(config, out_dir, progress=not quiet)
+    if outcome == "kept":
+        click.echo(f"{out_dir} already holds the trained pruned run: kept")
+    with lock_run(out_dir, "irrepscope prune"):
+        p.current_usage(out_dir, progress=not quiet)
+        comp = p.write_comparison(run_dir, out_dir)
+    click.echo(p.comparison_markdown(comp), nl=False)
+    click.echo(f"wrote {out_dir / p.COMPARISON} (comparison.json, comparison.md)")
 
 
 def _order_list(value: str | None) -> list[int] | None:
@@ -324,9 +347,10 @@ def analyze(
 @click.argument("run_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder for train/val/test.extxyz.")
 @click.option("--limit", type=int, default=None, callback=_count, help="Without RUN_DIR: a seeded subset of this many molecules.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Without RUN_DIR: the subset's and split's seed.")
-@click.option("--target", default="U0_atomization", show_default=True, help="Without RUN_DIR: the property written as energy.")
-def export(run_dir: str | None, out: str, limit: int | None, seed: int, target: str) -> None:
+@click.option("--seed", type=int, default=None, help="Without RUN_DIR: the subset's and split's seed [default: 0].")
+@click.option("--target", default=None, help="Without RUN_DIR: the property written as energy [default: U0_atomization].")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
+def export(run_dir: str | None, out: str, limit: int | None, seed: int | None, target: str | None, force: bool) -> None:
     """Write QM9 molecules as extxyz (train/val/test): a run's own split, or a seeded subset, for other codes."""
     from irrepscope.config import MAX_SEED, DataConfig
     from irrepscope.data.export import export_split
@@ -335,19 +359,25 @@ def export(run_dir: str | None, out: str, limit: int | None, seed: int, target: 
     from irrepscope.training.runs import RunDir
 
     if run_dir is not None:
+        given = [name for name, value in (("--limit", limit), ("--seed", seed), ("--target", target)) if value is not None]
+        if given:
+            raise IrrepscopeError(f"{', '.join(given)}: a run exports its own split and target; these are for exports without RUN_DIR")
         run = RunDir.at(run_dir).require()
+        run.check_consistent()  # its checkpoints and test.json were made from this split
         config = run.load_config()
         mols = load_run_structures(config.data, run.split)
         split, target = load_split(run.split, len(mols)), config.data.target
+        meta = {"run": str(run.root), "split_sha256": run.pins()["split.json"]}
     else:
+        target, seed = target or "U0_atomization", 0 if seed is None else seed
         data = DataConfig(target=target, limit=limit)
         data.validate()
         if not 0 <= seed <= MAX_SEED:
             raise IrrepscopeError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
-        mols, split = load_structures(data), None
-    if split is None:
+        mols = load_structures(data)
         split = random_split(len(mols), (0.8, 0.1, 0.1), seed=seed, limit=limit)
-    paths = export_split(mols, split, out, target)
+        meta = {"seed": seed, "limit": limit}
+    paths = export_split(mols, split, out, target, force=force, meta=meta)
     click.echo(", ".join(f"{name}: {len(split[name])} molecules -> {path}" for name, path in paths.items()))
 
 

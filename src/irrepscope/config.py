@@ -362,12 +362,36 @@ def with_legacy_values(raw: Any) -> Any:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: let PyYAML report it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shorten(key)} (each key once per mapping)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys: every config, sweep file and --set value is read with it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """Parse a YAML file; a missing file or malformed YAML is a one-line error naming ``what``."""
     if not path.is_file():
         raise IrrepscopeError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise IrrepscopeError(f"{path}: not UTF-8 text (byte {exc.start}): is it a YAML file?") from None
     except yaml.YAMLError as exc:
@@ -392,7 +416,7 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> Any:
         if not sep or len(parts) != 2 or not all(parts):
             raise IrrepscopeError(f"--set expects section.key=value, got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = safe_load(text)
         except yaml.YAMLError:
             raise IrrepscopeError(f"--set {item!r}: value is not valid YAML") from None
         raw.setdefault(parts[0], {})

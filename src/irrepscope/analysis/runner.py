@@ -120,6 +120,12 @@ def analyze_model(
     ``analyse_forces`` (default: when the structures carry forces and the model computes
     them) adds the force ablations on that same subset (:mod:`~irrepscope.analysis.force_usage`).
     """
+    threshold = usage.check_threshold(threshold)
+    for name, value in (("map_molecules", map_molecules), ("probe_molecules", probe_molecules),
+                        ("ablation_molecules", ablation_molecules)):  # fmt: skip
+        usage.check_count(value, name)
+    if usage.check_count(batch_size, "batch_size") is None:
+        raise IrrepscopeError("batch_size must be a positive integer, got None")
     model = as_analysed(model, graph, cutoff)
     orders = check_orders(orders, model.orders)
     if len(eval_indices) == 0:

@@ -68,6 +68,26 @@ FIELDS = [
 MEASURES = FIELDS[2:7]  # the numeric per-row measures of the energy
 
 
+def check_threshold(value: Any, name: str = "threshold") -> float:
+    """A verdict threshold must be a finite number >= 0: NaN or a negative one would silently call every order unused."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise IrrepscopeError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_count(value: Any, name: str) -> int | None:
+    """A molecule count or batch size: None (all), or a positive integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise IrrepscopeError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def invariant(values: np.ndarray) -> np.ndarray:
     """A target as rotation-invariant numbers: itself for a scalar, its length for a vector or tensor ``[M, k]``.
 

@@ -9,17 +9,20 @@ split can be checked) and ``index``: the structure's position in the run's data.
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from irrepscope.atomic import atomic_write
+from irrepscope.atomic import atomic_write, atomic_write_json, recover_directory, replace_directory, staging_directory
 from irrepscope.data.multipoles import is_equivariant
 from irrepscope.data.split import SPLIT_NAMES
 from irrepscope.data.structures import FORCES, QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError
+from irrepscope.locks import lock_output
 
 
 def to_atoms(structures: Structures, i: int, target: str | None = None) -> Atoms:
@@ -58,7 +61,43 @@ def write_extxyz(structures: Structures, indices: np.ndarray, path: str | Path, 
     return atomic_write(path, write)
 
 
-def export_split(structures: Structures, split: dict[str, np.ndarray], out_dir: str | Path, target: str) -> dict[str, Path]:
-    """``OUT/train.extxyz``, ``val.extxyz`` and ``test.extxyz`` of a split."""
+EXPORT_FILES = tuple(f"{name}.extxyz" for name in SPLIT_NAMES) + ("export.json",)
+
+
+def export_split(
+    structures: Structures,
+    split: dict[str, np.ndarray],
+    out_dir: str | Path,
+    target: str,
+    *,
+    force: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """``OUT/train.extxyz``, ``val.extxyz``, ``test.extxyz`` and ``export.json`` (what was exported), as one set.
+
+    The set is staged beside ``OUT`` and swapped onto it in one step, under ``OUT``'s lock:
+    a kill leaves the previous export whole (never a new train set beside an old test set).
+    A non-empty ``OUT`` is refused unless ``force``, and even then when it holds files
+    that an export does not write.
+    """
     out = Path(out_dir)
-    return {name: write_extxyz(structures, split[name], out / f"{name}.extxyz", target) for name in SPLIT_NAMES}
+    with lock_output(out, "irrepscope export"):
+        recover_directory(out)
+        if out.exists() and not out.is_dir():
+            raise IrrepscopeError(f"--out {out} is a file, not a folder")
+        present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        foreign = [name for name in present if name not in EXPORT_FILES]
+        if foreign:
+            raise IrrepscopeError(f"--out {out} holds files an export does not write ({', '.join(foreign[:3])}); choose an empty folder")
+        if present and not force:
+            raise IrrepscopeError(f"--out {out} already holds an export; add --force to replace it")
+        staged = staging_directory(out)
+        try:
+            paths = {name: write_extxyz(structures, split[name], staged / f"{name}.extxyz", target) for name in SPLIT_NAMES}
+            counts = {name: int(len(split[name])) for name in SPLIT_NAMES}
+            atomic_write_json(staged / "export.json", {"target": target, "structures": counts, **(meta or {})})
+            replace_directory(staged, out)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    return {name: out / path.name for name, path in paths.items()}

@@ -80,7 +80,24 @@ def _energy(atoms: Any, key: str, where: str) -> float:
         raise IrrepscopeError(f"{where}: {key!r} is not a number: {shorten(value)}") from None
     if not np.isfinite(value):
         raise IrrepscopeError(f"{where}: {key!r} is {value}")
+    bound = energy_bound(atoms.get_atomic_numbers())
+    if abs(value) > bound:
+        raise IrrepscopeError(
+            f"{where}: {key!r} is {value:.4g} eV, beyond {bound:.3g} eV (ten times the total energy of its atoms): "
+            "a wrong label or unit"
+        )
     return value
+
+
+def energy_bound(z: np.ndarray) -> float:
+    """The largest |energy| (eV) a structure of these atoms may be labelled with: ten times their total energy.
+
+    An atom's total electronic energy is about the Thomas-Fermi 20.8 Z^(7/3) eV (H: 21 vs 13.6
+    exact, C: 1,360 vs 1,030, U: 8.0e5 vs 7.6e5), plus 100 eV per atom of slack for
+    light atoms; energies relative to references (atomization, formation) are far smaller.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    return float(np.sum(10 * 20.8 * z ** (7 / 3) + 100))
 
 
 def _forces(atoms: Any, key: str, where: str) -> np.ndarray:
@@ -94,6 +111,11 @@ def _forces(atoms: Any, key: str, where: str) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(value).all(axis=1))
     if len(bad):
         raise IrrepscopeError(f"{where}: {key!r} of atom {bad[0]} is not finite: {value[bad[0]].tolist()}")
+    big = np.flatnonzero(np.abs(value).max(axis=1) > MAX_FORCE)
+    if len(big):
+        raise IrrepscopeError(
+            f"{where}: {key!r} of atom {big[0]} is {value[big[0]].tolist()}, beyond {MAX_FORCE:.0e} eV/Å: a wrong label or unit"
+        )
     return value
 
 
@@ -168,16 +190,28 @@ def _shared_numeric_info(frames: list) -> list[str]:
     return sorted(k for k in keys if all(numeric(a.info[k]) for a in frames))
 
 
+# Labels and coordinates beyond these are refused (README "Integrity"): no physical structure has
+# them, and in float32, where the models compute, they overflow or lose all precision (a
+# coordinate of 1e4 Å keeps only ~1e-3 Å); one such label would dominate every mean error.
+MAX_COORDINATE = 1e4  # Å
+MAX_FORCE = 1e4  # eV/Å per component: molecular dynamics sees at most tens
+
 # Closer than this no two atoms of a molecule are (the shortest bond, H-H, is 0.74 Å); at
 # 0 Å the radial basis is 0/0 and the edge direction undefined.
 MIN_DISTANCE = 0.1  # Å
 
 
 def check_geometry(pos: np.ndarray, where: str) -> None:
-    """Refuse non-finite coordinates and atoms on top of each other."""
+    """Refuse non-finite or far-off coordinates (beyond :data:`MAX_COORDINATE`) and atoms on top of each other."""
     bad = np.flatnonzero(~np.isfinite(pos).all(axis=1))
     if len(bad):
         raise IrrepscopeError(f"{where}: atom {bad[0]} has a non-finite coordinate {pos[bad[0]].tolist()}")
+    far = np.flatnonzero(np.abs(pos).max(axis=1) > MAX_COORDINATE)
+    if len(far):
+        raise IrrepscopeError(
+            f"{where}: atom {far[0]} is at {pos[far[0]].tolist()}, beyond {MAX_COORDINATE:.0e} Å from the origin "
+            "(float32, in which the model computes, keeps no precision there)"
+        )
     if len(pos) > 1:
         from scipy.spatial import cKDTree
 

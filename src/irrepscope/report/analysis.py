@@ -6,6 +6,7 @@ import csv
 import html
 import io
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from irrepscope.analysis.usage import FIELDS  # noqa: E402
-from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text, replace_directory, staging_directory  # noqa: E402
 from irrepscope.data.multipoles import target_order  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 
@@ -202,6 +203,7 @@ def write_analysis_report(
     if _has_forces(result):
         metrics.update({"force MAE (eV/Å)": result["force_mae"], "zero-force baseline MAE": result["force_baseline_mae"]})
     fields = FIELDS if _has_forces(result) else [f for f in FIELDS if not f.startswith("force_")]
+    test_metrics = {k: v for k, v in (test_metrics or {}).items() if k != "pins"}  # sha256s: for checks, not reading
     test_html = _table([test_metrics], list(test_metrics)) if test_metrics else "<p>No test.json in the run.</p>"
     map_rows = [{"map": k, **v} for k, v in result["maps"].items()]
     paths_rows = result["paths"]
@@ -212,7 +214,10 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}}im
 pre{{background:#f6f6f6;padding:1em}}.summary{{font-size:16px;background:#eef5ff;padding:1em}}</style></head>
 <body><h1>Order usage analysis</h1>
 <p>Run: <code>{html.escape(str(result.get('run', '')))}</code>, checkpoint {html.escape(str(result.get('checkpoint', '')))},
-target {html.escape(result['target'])} ({html.escape(result.get('unit') or '')}).</p>
+target {html.escape(result['target'])} ({html.escape(result.get('unit') or '')}).
+Made from: the {html.escape(str(result.get('split', '')))} split ({result['n_molecules']} structures), orders analysed
+{html.escape(str(result.get('analysed_orders', result.get('orders'))))} of {html.escape(str(result.get('orders')))},
+threshold {result['threshold']:.3g} (fraction of the model's MAE).</p>
 <h2>Summary</h2><p class="summary">{html.escape(summary_text(result))}</p>
 <h2>Metrics</h2><p>On the analysed molecules of the run's own saved split, beside the
 {html.escape(result.get('baseline_rule', 'composition baseline'))}, on the same molecules:</p>{_table([metrics], list(metrics))}
@@ -274,20 +279,27 @@ def write_analysis(
     progress: bool = False,
     started: float | None = None,
 ) -> dict[str, Any]:
-    """Write usage.csv, the PNGs, report.html and (last) usage.json into ``out``; returns usage.json's content.
+    """Write usage.csv, the PNGs, report.html and usage.json as one set onto ``out``; returns usage.json's content.
 
-    usage.json goes last: ``prune`` and sweeps take its presence to mean a finished analysis.
-    ``started``: ``time.perf_counter()`` when the analysis began, for the ``total`` timing.
+    The set is written into a staging sibling and swapped onto ``out`` in one step
+    (:func:`irrepscope.atomic.replace_directory`): a kill leaves the previous analysis
+    whole, never new verdicts beside old ones. The caller holds the lock of ``out``'s run
+    (or of ``out``). ``started``: ``time.perf_counter()`` when the analysis began.
     """
     import time
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "usage.csv", usage_csv(result["rows"]))
-    t = time.perf_counter()
-    write_analysis_report(out, result, config_yaml, test_metrics, progress=progress)
-    result["timings_s"]["report"] = time.perf_counter() - t
-    if started is not None:
-        result["timings_s"]["total"] = time.perf_counter() - started
-    public = _json_safe({k: v for k, v in result.items() if not k.startswith("_")})
-    atomic_write_json(out / "usage.json", public)
+    staged = staging_directory(out)
+    try:
+        atomic_write_text(staged / "usage.csv", usage_csv(result["rows"]))
+        t = time.perf_counter()
+        write_analysis_report(staged, result, config_yaml, test_metrics, progress=progress)
+        result["timings_s"]["report"] = time.perf_counter() - t
+        if started is not None:
+            result["timings_s"]["total"] = time.perf_counter() - started
+        public = _json_safe({k: v for k, v in result.items() if not k.startswith("_")})
+        atomic_write_json(staged / "usage.json", public)
+        replace_directory(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return public

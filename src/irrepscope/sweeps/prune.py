@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from irrepscope.atomic import atomic_write_json, atomic_write_text
+from irrepscope.analysis.usage import check_threshold
+from irrepscope.atomic import atomic_write_json, atomic_write_text, recover_directory, replace_directory, staging_directory
 from irrepscope.config import Config
 from irrepscope.errors import IrrepscopeError
 from irrepscope.orders import validate_orders
@@ -62,8 +64,7 @@ def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
 
     Where the forces were analysed, the force MAE must stay below ``threshold`` x the model's force MAE too.
     """
-    if not threshold >= 0:
-        raise IrrepscopeError(f"--threshold must be >= 0, got {threshold}")
+    threshold = check_threshold(threshold)
     return sorted(
         int(r["order"])
         for r in usage["rows"]
@@ -92,12 +93,67 @@ def pruned_config(run_dir: str | Path, usage: dict[str, Any]) -> Config:
     return pruned.validate()
 
 
+def analysis_problem(run_dir: str | Path, usage: dict[str, Any]) -> str | None:
+    """Why an analysis cannot decide what to prune (None when it can).
+
+    Pruning acts on the verdicts of the run's own best.pt on its own test split, with every
+    order analysed, made from the files the run holds now.
+    """
+    run = RunDir.at(run_dir)
+    orders = run.load_config().model.orders
+    if usage.get("split", "test") != "test":
+        return f"it analysed the {usage.get('split')} split, not the test split"
+    if usage.get("checkpoint", "best") != "best":
+        return f"it analysed {usage.get('checkpoint')}.pt, not best.pt"
+    analysed = usage.get("analysed_orders", usage.get("orders"))
+    if analysed is None or sorted(int(l) for l in analysed) != sorted(orders):
+        return f"it analysed only orders {analysed} of {orders}"
+    try:
+        run.check_pins(usage.get("pins"), usage_path(run_dir), "irrepscope analyze")
+    except IrrepscopeError:
+        return "it was made from other files than the run holds now (another best.pt or split)"
+    return None
+
+
+def current_usage(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """The run's analysis if it can decide what to prune, else a fresh one (default settings, test split), saying why."""
+    import sys
+
+    from irrepscope.api import analyze_run
+
+    why = "it has none" if not usage_path(run_dir).is_file() else analysis_problem(run_dir, read_usage(run_dir))
+    if why is not None:
+        print(f"note: analysing {run_dir} first, into its analysis/ ({why})", file=sys.stderr)
+        analyze_run(run_dir, embedding="pca", progress=progress)
+    return read_usage(run_dir)
+
+
+def train_pruned(config: Config, out_dir: Path, progress: bool = True) -> str:
+    """Train the pruned config into ``out_dir``: afresh, or resumed / kept when ``out_dir`` holds this same run."""
+    from irrepscope.config import recipe_differences
+    from irrepscope.sweeps.runner import run_state
+    from irrepscope.training.trainer import Trainer
+
+    run = RunDir.at(out_dir)
+    state = run_state(out_dir, config.train.epochs) if run.config.is_file() else "new"
+    if state != "new":
+        differ = recipe_differences(run.load_config(), config)
+        if differ:
+            raise IrrepscopeError(f"{out_dir} holds another run than the pruned config ({', '.join(differ)}); choose another --out")
+    if state == "finished":
+        return "kept"
+    Trainer(config, out_dir, progress=progress).run_training(resume=state == "partial")
+    return "resumed" if state == "partial" else "trained"
+
+
 def comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
     """Parameters, test metrics and order usage of the original and the pruned run, side by side."""
     out: dict[str, Any] = {}
     for label, run_dir in (("original", Path(original)), ("pruned", Path(pruned))):
         run = RunDir.at(run_dir)
-        test = json.loads(run.test.read_text())
+        test = run.read_test()
+        if test is None:
+            raise IrrepscopeError(f"{run_dir} has no test.json")
         usage = read_usage(run_dir)
         out[label] = {
             "run": str(run_dir),
@@ -107,6 +163,7 @@ def comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
             "test_rmse_ev": test["rmse_ev"],
             "baseline_mae_ev": test.get("baseline_mae_ev"),
             "unused_orders": usage["unused_orders"],
+            "pins": {**run.pins("best")},
         }
     out["params_ratio"] = out["pruned"]["params"] / out["original"]["params"]
     out["test_mae_delta_ev"] = out["pruned"]["test_mae_ev"] - out["original"]["test_mae_ev"]
@@ -128,9 +185,20 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPARISON = "comparison"  # PRUNED_RUN/comparison/{comparison.json, comparison.md}: one set, replaced whole
+
+
 def write_comparison(original: str | Path, pruned: str | Path) -> dict[str, Any]:
-    """Write ``comparison.json`` and ``comparison.md`` into the pruned run's directory."""
+    """Write ``comparison/comparison.json`` and ``comparison.md`` into the pruned run's directory, as one set."""
     comp = comparison(original, pruned)
-    atomic_write_json(Path(pruned) / "comparison.json", comp)
-    atomic_write_text(Path(pruned) / "comparison.md", comparison_markdown(comp))
+    target = Path(pruned) / COMPARISON
+    recover_directory(target)
+    staged = staging_directory(target)
+    try:
+        atomic_write_json(staged / "comparison.json", comp)
+        atomic_write_text(staged / "comparison.md", comparison_markdown(comp))
+        replace_directory(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return comp

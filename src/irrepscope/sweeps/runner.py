@@ -22,6 +22,10 @@ spec (the sweep file was edited) is an error before anything trains, except more
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import fcntl
+import hashlib
+import json
 import multiprocessing
 import os
 import re
@@ -30,14 +34,15 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from irrepscope.atomic import atomic_write_text
-from irrepscope.config import recipe_differences
+from irrepscope.atomic import atomic_write_json, atomic_write_text
+from irrepscope.config import PLACEMENT_KEYS, recipe_differences
 from irrepscope.errors import IrrepscopeError
 from irrepscope.sweeps.spec import RunSpec, Sweep
 from irrepscope.training.runs import RunDir
@@ -236,13 +241,96 @@ def _execute(spec: RunSpec, run_dir: str, threads: int | None) -> tuple[str, str
         _release(path / CLAIM, mine)
 
 
+SPEC_FILE = "sweep.json"  # SWEEP_DIR/sweep.json: the pin of the spec the sweep directory's runs follow
+SESSION_LOCK = ".sweep.lock"
+
+
+def spec_pin(sweep: Sweep) -> str:
+    """sha256 of what the sweep trains: every run's directory and recipe (placement, i.e. device and threads, aside)."""
+    recipes = []
+    for spec in sweep.runs:
+        recipe = spec.config.to_dict()
+        for key in PLACEMENT_KEYS:
+            section, name = key.split(".")
+            recipe[section].pop(name, None)
+        recipes.append([spec.relpath, recipe])
+    return hashlib.sha256(json.dumps(recipes, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+@contextlib.contextmanager
+def sweep_session(sweep: Sweep, out: Path) -> Iterator[None]:
+    """Hold a shared lock on the sweep directory while training it, as any number of processes of the same spec may.
+
+    A sweep of another spec (an edited sweep file: other epochs, other configurations) on
+    the same directory is refused while any process of the recorded spec still works
+    there: their runs would end up with mixed budgets. With none running, the new spec is
+    recorded and the sweep goes on (extending ``train.epochs`` is how a sweep is continued).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    mine = spec_pin(sweep)
+    record = out / SPEC_FILE
+    lock = out / SESSION_LOCK
+    fd = -1
+    try:
+        for _ in range(20):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else is working here: (re)record our spec
+                exclusive = True
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                exclusive = False
+            if not _same_file(lock, fd):  # removed by a sweep that ended meanwhile: lock the new file
+                os.close(fd)
+                fd = -1
+                continue
+            if exclusive:
+                atomic_write_json(record, {"name": sweep.name, "spec_sha256": mine})
+                fcntl.flock(fd, fcntl.LOCK_SH)  # downgrade: others of the same spec may join
+                break
+            try:
+                recorded = json.loads(record.read_text(encoding="utf-8")).get("spec_sha256")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            if recorded == mine:
+                break
+            os.close(fd)
+            fd = -1
+            time.sleep(0.05)  # the other one may be ending or recording right now
+        else:
+            raise IrrepscopeError(
+                f"{out} is being worked on by a sweep with another spec (another sweep file, or this one edited: "
+                "other epochs or configurations); wait until it ends, or use another --out"
+            )
+        yield
+    finally:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last one out removes the lock file
+                lock.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass
+            os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def run_sweep(sweep: Sweep, out_dir: str | Path, workers: int = 1, progress: bool = True) -> dict[str, int]:
     """Run every unfinished run of ``sweep`` under ``out_dir``; returns how many runs ended how (``failed`` included)."""
     out = Path(out_dir)
     if workers < 1:
         raise IrrepscopeError(f"--workers must be at least 1, got {workers}")
     check_run_configs(sweep, out)
-    out.mkdir(parents=True, exist_ok=True)
+    with sweep_session(sweep, out):
+        return _run_all(sweep, out, workers, progress)
+
+
+def _run_all(sweep: Sweep, out: Path, workers: int, progress: bool) -> dict[str, int]:
     todo = [s for s in sweep.runs if run_state(out / s.relpath, s.config.train.epochs) != "finished"]
     counts = {"finished before": len(sweep.runs) - len(todo)}
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None

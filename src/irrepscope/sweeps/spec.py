@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from irrepscope.config import Config, apply_overrides, config_from_dict, load_config, read_yaml
-from irrepscope.errors import IrrepscopeError
+from irrepscope.errors import IrrepscopeError, shorten
 
 SWEEP_KEYS = {"name", "configs", "seeds", "set", "grid", "description"}
 CONFIG_KEYS = {"name", "config", "set"}
@@ -67,6 +67,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "", text.replace(" ", ""))
 
 
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]*")  # a file name that stays in its folder (no /, no leading dot)
+
+
+def check_name(name: Any, where: str) -> str:
+    """A sweep's or a configuration's name: one plain file name, so its directory stays inside the sweep's."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise IrrepscopeError(
+            f"{where}: name {shorten(name)} must be a plain file name (letters, digits, _ . = , + -; not starting with a dot, "
+            "no /): it names a directory inside the sweep's"
+        )
+    return name
+
+
 def load_sweep(path: str | Path, device: str | None = None) -> Sweep:
     """Read and validate a sweep file; every run's config is resolved and validated up front.
 
@@ -74,6 +87,10 @@ def load_sweep(path: str | Path, device: str | None = None) -> Sweep:
     not part of a run's recipe, so runs started elsewhere are resumed and reported alike.
     """
     path = Path(path)
+    if device is not None:
+        from irrepscope.training.evaluate import resolve_device
+
+        resolve_device(device)  # refused now, not once per run
     raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise IrrepscopeError(f"{path}: a sweep file is a mapping with keys {sorted(SWEEP_KEYS)}")
@@ -104,9 +121,11 @@ def load_sweep(path: str | Path, device: str | None = None) -> Sweep:
         bad = set(entry) - CONFIG_KEYS
         if bad:
             raise IrrepscopeError(f"{where}: unknown key(s) {sorted(bad)}; known: {sorted(CONFIG_KEYS)}")
-        name = entry.get("name") or (Path(entry["config"]).stem if entry.get("config") else None)
+        name = entry.get("name") or (Path(str(entry["config"])).stem if entry.get("config") else None)
         if not name:
             raise IrrepscopeError(f"{where}: needs a 'name' or a 'config'")
+        if not isinstance(name, str):
+            raise IrrepscopeError(f"{where}: 'name' must be text, got {shorten(name)}")
         if name in names:
             raise IrrepscopeError(f"{where}: duplicate configuration name {name!r}")
         names.add(name)
@@ -118,6 +137,11 @@ def load_sweep(path: str | Path, device: str | None = None) -> Sweep:
             variant = _slug(label)
             if not variant:
                 raise IrrepscopeError(f"{where}: configuration name {name!r} has no character usable in a directory name")
+            if not NAME.fullmatch(variant):  # '..' would lead out of runs/
+                raise IrrepscopeError(
+                    f"{where}: configuration name {shorten(label)} must give a plain directory name (letters, digits, "
+                    f"_ . = , + -; not starting with a dot), not {shorten(variant)}"
+                )
             # The slug drops characters (and case-insensitive file systems ignore case): two
             # configurations sharing a directory would train one model and report it twice.
             other = directories.setdefault(variant.casefold(), label)
@@ -140,4 +164,4 @@ def load_sweep(path: str | Path, device: str | None = None) -> Sweep:
     # Seed-major order: every configuration of seed k before any run of seed k+1, so that a
     # sweep stopped part-way already holds complete paired comparisons for its first seeds.
     runs.sort(key=lambda r: seeds.index(r.seed))
-    return Sweep(str(raw.get("name") or path.stem), path, runs)
+    return Sweep(check_name(str(raw.get("name") or path.stem), str(path)), path, runs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from irrepscope.atomic import atomic_write_text
 from irrepscope.data.composition import unit_of
+from irrepscope.sweeps.prune import read_usage
 from irrepscope.sweeps.runner import run_status
 from irrepscope.sweeps.spec import Sweep
 from irrepscope.training.runs import RunDir
@@ -54,7 +54,7 @@ def collect_results(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
         rows.append(row)
         if status != "finished":
             continue
-        test = json.loads(run.test.read_text())
+        test = run.read_test()  # refused when made from another best.pt, split or composition
         metrics = run.read_metrics()
         # Runs written before the baseline existed: compute it from the run's own split.
         baseline = test if "baseline_mae_ev" in test else _baseline(run, spec.config.data.target)
@@ -230,7 +230,8 @@ def collect_usage(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
         path = Path(out_dir) / spec.relpath / "analysis" / "usage.json"
         if not path.is_file():
             continue
-        usage = json.loads(path.read_text())
+        usage = read_usage(path.parents[1])
+        RunDir.at(path.parents[1]).check_pins(usage.get("pins"), path, "irrepscope analyze")
         for r in usage["rows"]:
             if r["block"] == "all":
                 rows.append(

@@ -111,6 +111,13 @@ def predict_all(
         main.append(o.prediction.detach().double().cpu().numpy())
         for name, value in model.auxiliary_predictions(o).items():
             parts[name].append(value.detach().double().cpu().numpy())
+    for values, what in ((main, "predictions"), (force_parts, "forces")):
+        bad = sum(int(np.count_nonzero(~np.isfinite(v))) for v in values)
+        if bad:  # never a NaN in a metric or a printout without an error
+            raise IrrepscopeError(
+                f"{bad} of the model's {what} for {len(indices)} structures are not finite (diverged weights, or inputs beyond "
+                "the model's precision)"
+            )
     return Predictions(
         np.concatenate(main) if main else np.zeros(0),
         {name: np.concatenate(v) for name, v in parts.items()},
@@ -178,6 +185,7 @@ def evaluate_run(
     """
     run = RunDir.at(run_dir).require()
     model, config, state = model_from_checkpoint(run.checkpoint(which), resolve_device(device))
+    run.check_checkpoint(state, which)
     if mols is None:
         mols = load_run_structures(config.data, run.split)
     splits = load_split(run.split, len(mols))

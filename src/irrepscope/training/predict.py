@@ -57,7 +57,8 @@ def predict_file(run_dir: str | Path, path: str | Path, checkpoint: str = "best"
             check_elements(structures.structure(i)[0], TRAINED_ELEMENTS)
         except IrrepscopeError as exc:
             raise IrrepscopeError(f"{path}, molecule {i}: {exc}") from None
-    model, config, _ = model_from_checkpoint(run.checkpoint(checkpoint))
+    model, config, state = model_from_checkpoint(run.checkpoint(checkpoint))
+    run.check_checkpoint(state, checkpoint)
     pred = predict_all(model, structures, np.arange(len(structures)), config, batch_size, forces=is_energy(config.data.target))
     unit = unit_of(config.data.target)
     results = []

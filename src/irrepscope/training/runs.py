@@ -9,12 +9,22 @@
     RUN_DIR/test.json            held-out test metrics of best.pt
 
 Every file is written atomically (temporary file, then rename).
+
+The files pin each other (README "Integrity"): every checkpoint records the sha256 of the
+split.json and composition.json it was trained with (``pins``) and embeds its config;
+test.json and an analysis record the sha256 of the checkpoint they were made from, and of
+the split and composition. :meth:`RunDir.check_checkpoint` and :meth:`RunDir.check_pins`
+refuse a run whose files disagree (a split edited by hand is a different split; another
+run's best.pt copied in names another split). Files written before pins existed carry
+none and are taken as they are.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -24,7 +34,7 @@ from typing import Any
 import torch
 
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text
-from irrepscope.config import Config, config_from_dict, load_config, with_legacy_values
+from irrepscope.config import Config, config_from_dict, load_config, recipe_differences, with_legacy_values
 from irrepscope.errors import IrrepscopeError
 
 CHECKPOINT_FORMAT = "irrepscope-checkpoint-v1"
@@ -82,7 +92,84 @@ class RunDir:
         atomic_write_text(self.config, config.to_yaml())
 
     def write_test(self, metrics: dict[str, Any]) -> None:
-        atomic_write_json(self.test, metrics)
+        """test.json of best.pt, pinned to it (and to the split and composition)."""
+        atomic_write_json(self.test, {**metrics, "pins": self.pins("best")})
+
+    def read_test(self) -> dict[str, Any] | None:
+        """test.json (None when the run has none), refused when it was made from other files than the run's."""
+        if not self.test.is_file():
+            return None
+        try:
+            test = json.loads(self.test.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IrrepscopeError(f"cannot read {self.test}: {exc}") from None
+        if not isinstance(test, dict):
+            raise IrrepscopeError(f"{self.test} is not a test.json written by irrepscope")
+        self.check_pins(test.get("pins"), self.test, "irrepscope evaluate RUN_DIR")
+        return test
+
+    # -- pins: what each file was made from -------------------------------------------------
+    def pins(self, checkpoint: str | None = None) -> dict[str, str]:
+        """sha256 of the run's split.json and composition.json (and of ``checkpoints/<checkpoint>.pt``), as they are now."""
+        out = {}
+        paths = [self.split, self.composition] + ([self.checkpoint(checkpoint)] if checkpoint else [])
+        for path in paths:
+            if path.is_file():
+                out[path.relative_to(self.root).as_posix()] = file_pin(path)
+        return out
+
+    def check_pins(self, recorded: Any, made: Path, remedy: str) -> None:
+        """Refuse ``made`` (a checkpoint, test.json, usage.json) if a file it recorded has changed since.
+
+        A recorded file that is gone is not checked (records kept without their checkpoints,
+        like a sweep's in git); whoever needs it fails on its absence.
+        """
+        if recorded is None:
+            return  # written before pins existed
+        if not isinstance(recorded, dict):
+            raise IrrepscopeError(f"{made}: corrupt pins {recorded!r}")
+        changed = [name for name, sha in recorded.items() if (self.root / name).is_file() and file_pin(self.root / name) != sha]
+        if changed:
+            raise IrrepscopeError(
+                f"{self.root}: {made.relative_to(self.root) if made.is_relative_to(self.root) else made} was made from another "
+                f"{' and '.join(changed)} than the run holds now (edited, or copied from another run?); "
+                f"refusing to mix them: restore the file, or redo it ({remedy})"
+            )
+
+    def check_consistent(self) -> None:
+        """Refuse a run whose files disagree: its checkpoints against config, split and composition, test.json against best.pt."""
+        for which in ("best", "last"):
+            if self.checkpoint(which).is_file():
+                self.check_checkpoint(load_checkpoint(self.checkpoint(which)), which)
+        self.read_test()
+
+    def _check_split_meta(self, config: Config, made: Path) -> None:
+        """What split.json says it was drawn with must be what the config draws (also for files without pins)."""
+        if not self.split.is_file():
+            return
+        from irrepscope.data.split import load_split_meta
+
+        meta = load_split_meta(self.split)
+        wanted = {"seed": config.train.seed, "limit": config.data.limit, "fractions": list(config.data.split)}
+        differ = [f"{k} {meta[k]} (split.json) vs {v} ({made.name})" for k, v in wanted.items() if k in meta and meta[k] != v]
+        if differ:
+            raise IrrepscopeError(
+                f"{self.root}: split.json was not drawn for {made.relative_to(self.root)}: {', '.join(differ)} "
+                "(copied from another run?)"
+            )
+
+    def check_checkpoint(self, state: dict[str, Any], which: str) -> None:
+        """Refuse a checkpoint that was not trained with this run's config.yaml, split.json and composition.json."""
+        path = self.checkpoint(which)
+        self.check_pins(state.get("pins"), path, "train into a fresh --out")
+        self._check_split_meta(checkpoint_config(state, path), path)
+        if self.config.is_file():
+            differ = recipe_differences(checkpoint_config(state, path), self.load_config())
+            if differ:
+                raise IrrepscopeError(
+                    f"{self.root}: {path.relative_to(self.root)} was trained with another config than config.yaml: "
+                    f"{', '.join(differ)} (edited, or copied from another run?)"
+                )
 
     def read_metrics(self) -> list[dict[str, str]]:
         """The rows of metrics.csv (none when it does not exist); an unreadable file is a clear error."""
@@ -103,6 +190,17 @@ class RunDir:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.metrics, buf.getvalue())
+
+
+def file_pin(path: Path) -> str:
+    """A file's pin: the sha256 of its content (of its JSON data, for JSON: indentation is not content)."""
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            data = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # not JSON after all: its bytes are its content
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

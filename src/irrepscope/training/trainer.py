@@ -38,6 +38,7 @@ from irrepscope.data.sources import check_source, load_structures, source_finger
 from irrepscope.data.split import load_split, random_split, save_split
 from irrepscope.data.structures import FORCES, Structures, refuse_periodic
 from irrepscope.errors import IrrepscopeError
+from irrepscope.locks import lock_run
 from irrepscope.model.network import EquivariantGraphConv, build_run_model, energy_and_forces
 from irrepscope.training.evaluate import evaluate_run, predict_all, regression_metrics, resolve_device, torch_dtype
 from irrepscope.training.runs import RunDir, checkpoint_config, load_checkpoint, save_checkpoint
@@ -244,6 +245,7 @@ class Trainer:
         for key in ("optimizer", "epoch", "best_val_mae", "best_epoch"):
             if key not in state:
                 raise IrrepscopeError(f"cannot resume {self.run.root}: its last.pt has no {key!r} (not a training checkpoint)")
+        self.run.check_checkpoint(state, "last")  # trained on this split, composition and config?
         saved = checkpoint_config(state, self.run.checkpoint("last"))
         check_resumable(saved, self.config, state["epoch"], self.run.root)
         model = build_run_model(self.config)
@@ -269,7 +271,18 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
     def run_training(self, resume: bool = False) -> dict[str, Any]:
-        """Train until ``train.epochs`` finished epochs, then evaluate best.pt on the test split."""
+        """Train until ``train.epochs`` finished epochs, then evaluate best.pt on the test split.
+
+        Holds the run directory's lock throughout: a second writer is refused at once.
+        """
+        with lock_run(self.run.root, "irrepscope train --resume" if resume else "irrepscope train", create=not resume):
+            if not resume and self.run.checkpoint("last").exists():
+                raise IrrepscopeError(
+                    f"{self.run.root} already holds a run; use --resume to continue it or choose another --out"
+                )
+            return self._train(resume)
+
+    def _train(self, resume: bool) -> dict[str, Any]:
         cfg = self.config
         model, opt, progress = self._resumed() if resume else self._fresh()
         ema = None
@@ -411,6 +424,7 @@ class Trainer:
             **{k: progress[k] for k in ("best_val_mae", "best_epoch", "plateau_scale", "plateau_since")},
             "num_parameters": model.num_parameters(),
             "metrics": [{k: str(v) for k, v in row.items()} for row in rows],  # the record travels with the weights
+            "pins": self.run.pins(),  # the split and composition it was trained with
         }
         if ema is not None:
             state["train_model"] = model.state_dict()
@@ -420,8 +434,7 @@ class Trainer:
 
 def train(config: Config, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train a fresh run into ``run_dir``; returns the test metrics."""
-    run = RunDir.at(run_dir)
-    if run.checkpoint("last").exists():
+    if RunDir.at(run_dir).checkpoint("last").exists():  # said before the data loads; checked again under the lock
         raise IrrepscopeError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     return Trainer(config, run_dir, progress=progress).run_training(resume=False)
 

@@ -1,0 +1,130 @@
+"""One writer per directory: an exclusive, non-blocking lock that dies with its process.
+
+``train``, ``evaluate``, ``analyze``, ``prune`` and ``export`` hold the lock of the
+directory they write for as long as they write it; a second writer is refused at once
+with one line naming the holder. The lock is ``flock`` on a small file
+(``RUN_DIR/.lock`` for a run, ``.NAME.lock`` beside an output directory that is replaced
+whole), so the kernel releases it when its process ends in any way, kill -9 included: a
+lock file left by a dead process is simply taken over. The file is removed on release
+(re-checked after locking, so a racer never holds a lock on a removed file).
+
+On one machine, or on a file system whose ``flock`` spans machines (local disks, NFSv4);
+sweeps shared between hosts additionally claim runs (:mod:`irrepscope.sweeps.runner`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from irrepscope.errors import IrrepscopeError
+
+RUN_LOCK = ".lock"
+_HELD: dict[Path, int] = {}  # lock files this process holds, and how many nested holders: re-entrant within a process
+
+
+class DirectoryLock:
+    """``with DirectoryLock(lock_file, directory, command):`` holds ``lock_file`` exclusively.
+
+    ``directory`` is what the lock protects (created if missing, and removed again on
+    release if this lock created it and it is still empty, so a refused command leaves
+    nothing behind); ``command`` is said in the error a second writer gets.
+    """
+
+    def __init__(self, lock_file: str | os.PathLike, directory: str | os.PathLike, command: str, create: bool = True) -> None:
+        self.path = Path(lock_file)
+        self.directory = Path(directory)
+        self.command = command
+        self.create = create
+        self._fd: int | None = None
+        self._created: list[Path] = []
+
+    def acquire(self) -> "DirectoryLock":
+        key = self.path.absolute()
+        if key in _HELD:  # an inner step of the same command (prune analyses the run it prunes)
+            _HELD[key] += 1
+            self._nested = True
+            return self
+        self._nested = False
+        if not self.create and not self.directory.is_dir():
+            raise IrrepscopeError(f"run directory not found: {self.directory}")
+        missing = []
+        for folder in (self.directory, *self.directory.parents):
+            if folder.exists():
+                break
+            missing.append(folder)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._created = missing  # innermost first
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                self._remove_created()
+                raise IrrepscopeError(
+                    f"{self.directory} is being written by {holder}; wait until it ends (one writer per directory)"
+                ) from None
+            # The holder before us may have removed the file between our open and our lock.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.command} (pid {os.getpid()} on {socket.gethostname()})".encode())
+        self._fd = fd
+        _HELD[key] = 1
+        return self
+
+    def release(self) -> None:
+        key = self.path.absolute()
+        if getattr(self, "_nested", False):
+            _HELD[key] -= 1
+            self._nested = False
+            return
+        if self._fd is None:
+            return
+        _HELD.pop(key, None)
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener re-checks the inode
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # only folders this lock made, and only if nothing was written
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def lock_run(run_dir: str | os.PathLike, command: str, create: bool = False) -> DirectoryLock:
+    """The lock of a run directory (``RUN_DIR/.lock``): training, evaluation, analysis and pruning of it.
+
+    ``create``: make the directory if missing (training); else a missing one is an error.
+    """
+    run_dir = Path(run_dir)
+    return DirectoryLock(run_dir / RUN_LOCK, run_dir, command, create)
+
+
+def lock_output(target: str | os.PathLike, command: str) -> DirectoryLock:
+    """The lock of an output directory replaced whole (``.NAME.lock`` beside it: the directory itself is swapped)."""
+    target = Path(target)
+    return DirectoryLock(target.parent / f".{target.name}.lock", target.parent, command)
