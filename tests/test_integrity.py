@@ -317,10 +317,17 @@ def test_two_sweeps_of_different_budgets_on_one_directory(tmp_path, capsys):
         p = irrepscope("sweep", str(sweep_file(2)), "--out", str(out), "--quiet")
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2 and "another spec" in err, err
-        p = irrepscope("sweep", str(sweep_file(1)), "--out", str(out), "--quiet")  # the same spec joins
+        p = irrepscope("sweep", str(sweep_file(1)), "--out", str(out), "--quiet", "--analyze")  # the same spec joins
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    assert cli("sweep", str(sweep_file(2)), "--out", str(out), "--quiet") == 0  # alone: extends the sweep
+    assert not (out / ".sweep.lock").exists()  # the last one out removes it
+    # Alone, a sweep of more epochs extends the runs, and --analyze redoes their now stale analyses.
+    assert cli("sweep", str(sweep_file(2)), "--out", str(out), "--quiet", "--analyze") == 0
+    from irrepscope.api import analysis_current
+
+    (run_dir,) = (out / "runs").glob("*/seed0")
+    assert analysis_current(run_dir)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
 
 
 # -- randomized kill -9 of analyze, export and prune -------------------------------------------
@@ -430,3 +437,43 @@ def test_a_legacy_checkpoint_with_another_runs_split(run, runs, capsys):
     assert cli("evaluate", str(run)) == 0  # unpinned files are taken as they are...
     shutil.copy(runs[1] / "split.json", run / "split.json")
     one_line_error(capsys, cli("evaluate", str(run)), "seed 1 (split.json) vs 0")  # ...but not another seed's split
+
+
+def test_outputs_never_delete_what_they_did_not_write(run, tmp_path, capsys, monkeypatch):
+    (run / "analysis").mkdir(exist_ok=True)
+    (run / "analysis" / "NOTES.md").write_text("mine")
+    one_line_error(capsys, cli("analyze", str(run), *ANALYSE), "NOTES.md")
+    assert (run / "analysis" / "NOTES.md").read_text() == "mine"
+    (run / "analysis" / "NOTES.md").unlink()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("mine")
+    one_line_error(capsys, cli("train", TINY, "--out", str(other), *QUICK), "data.csv")  # no run mixed into a folder
+    assert sorted(p.name for p in other.iterdir()) == ["data.csv"]
+    # Through a symlink and as ".": the folder behind is replaced, the link stays, nothing is left over.
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert cli("export", str(run), "--out", str(tmp_path / "link")) == 0
+    assert (tmp_path / "link").is_symlink() and (real / "test.extxyz").is_file()
+    assert cli("export", str(run), "--out", str(tmp_path / "link"), "--force") == 0
+    _no_leftovers(tmp_path)
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert cli("export", str(run), "--out", ".") == 0
+    assert sorted(p.name for p in empty.iterdir()) == ["export.json", "test.extxyz", "train.extxyz", "val.extxyz"]
+
+
+def test_an_interrupted_resume_leaves_a_stale_test_json(run, capsys):
+    """best.pt changed, test.json not yet: export (which does not read test.json) works, analyze says why it refuses."""
+    import torch
+
+    path = run / "checkpoints" / "best.pt"
+    state = torch.load(path, weights_only=True)
+    state["best_epoch"] = 99  # another best.pt of the same run, as an extended training writes it
+    torch.save(state, path)
+    assert cli("export", str(run), "--out", str(run.parent / "exported")) == 0
+    one_line_error(capsys, cli("analyze", str(run), *ANALYSE), "interrupted")
+    assert cli("evaluate", str(run)) == 0  # the remedy the message names
+    assert cli("analyze", str(run), *ANALYSE) == 0

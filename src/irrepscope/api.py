@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +136,13 @@ def analyze_run(
 
     ``options`` are :func:`analyze`'s.
     """
-    from irrepscope.report.analysis import write_analysis
+    from irrepscope.report.analysis import refuse_foreign_files, write_analysis
 
     t0 = time.perf_counter()
     root = _path(run_dir, "run_dir")
     with lock_run(root, "irrepscope analyze"):
         recover_directory(root / "analysis")  # leftovers of a killed analysis: the previous one stays
+        refuse_foreign_files(root / "analysis")
         run = load_run(root, checkpoint, device)
         test = RunDir.at(run.root).read_test()  # refused if made from another best.pt
         result = analyze(run, split, max_molecules, **options)  # analyze_model checks --orders against the model
@@ -216,22 +218,21 @@ def analyze_nequip(
     """
     from irrepscope.analysis.nequip_model import NequIPModel
     from irrepscope.data.xyz import read_extxyz
-    from irrepscope.report.analysis import write_analysis
+    from irrepscope.report.analysis import refuse_foreign_files, write_analysis
 
     t0 = time.perf_counter()
     model_path, molecules = _path(model_path, "model_path"), _path(molecules, "molecules")
     out_dir = _path(out, "out") if out is not None else model_path.parent / "analysis"
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "usage.json").is_file():
-        raise IrrepscopeError(f"{out_dir} holds files that are not an analysis (no usage.json); choose another --out")
     with lock_output(out_dir, "irrepscope analyze"):
         recover_directory(out_dir)
+        refuse_foreign_files(out_dir)  # before the work, not after it
         model = NequIPModel.load(model_path)
         pins = None
         if Path(molecules).is_dir():
             if train_molecules is not None:
                 raise IrrepscopeError("--train-molecules is for a structure file; a run brings its own training split")
             run = RunDir.at(molecules).require()
-            run.check_consistent()  # its checkpoints and test.json agree with its split
+            run.check_checkpoints()  # they were trained on this split
             config = run.load_config()
             if unit_of(config.data.target) != "eV":
                 raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
@@ -263,15 +264,30 @@ def analyze_nequip(
         return write_analysis(out_dir, result, text, None, progress=progress, started=t0)
 
 
-def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:
-    """Run ``irrepscope analyze`` (default settings, test split) on every finished run without ``analysis/usage.json``.
+def analysis_current(run_dir: Path) -> bool:
+    """Whether the run has an analysis made from the files it holds now (its best.pt, split, composition)."""
+    path = run_dir / "analysis" / "usage.json"
+    if not path.is_file():
+        return False
+    try:
+        usage = json.loads(path.read_text(encoding="utf-8"))
+        RunDir.at(run_dir).check_pins(usage.get("pins"), path, "irrepscope analyze")
+    except (IrrepscopeError, OSError, ValueError, AttributeError):
+        return False
+    return True
 
-    Resumable like the training: an analysed run is skipped. Returns how many runs were analysed now.
+
+def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:
+    """Run ``irrepscope analyze`` (default settings, test split) on every finished run without a current analysis.
+
+    Resumable like the training: a run whose analysis was made from its present best.pt is
+    skipped; one made from an earlier best.pt (the sweep was extended) is redone. Returns
+    how many runs were analysed now.
     """
     out = Path(out_dir)
     todo = [
         s for s in sweep.runs
-        if run_state(out / s.relpath, s.config.train.epochs) == "finished" and not (out / s.relpath / "analysis" / "usage.json").is_file()
+        if run_state(out / s.relpath, s.config.train.epochs) == "finished" and not analysis_current(out / s.relpath)
     ]  # fmt: skip
     for spec in tqdm(todo, desc=f"analyse {sweep.name}", unit="run", disable=not progress):
         analyze_run(out / spec.relpath, device=spec.config.train.device, progress=False)  # where it trained

@@ -99,6 +99,11 @@ def _exchange(a: Path, b: Path) -> bool:
     return False  # EINVAL / ENOSYS / EXDEV: fall back to two renames
 
 
+def real_path(target: str | os.PathLike) -> Path:
+    """``target`` with symlinks resolved and ``.``/``..`` removed: the folder that is really replaced (and its real parent)."""
+    return Path(os.path.realpath(target))
+
+
 def recover_directory(target: str | os.PathLike) -> None:
     """Clean up after a killed :func:`replace_directory` of ``target``: the set that was in place stays.
 
@@ -108,12 +113,15 @@ def recover_directory(target: str | os.PathLike) -> None:
     """
     import shutil
 
-    target = Path(target)
+    target = real_path(target)
     parent = target.parent
     if not parent.is_dir():
         return
     for staged in parent.glob(f".{target.name}{STAGING}*"):
-        shutil.rmtree(staged, ignore_errors=True)
+        if staged.is_symlink():
+            staged.unlink()
+        else:
+            shutil.rmtree(staged, ignore_errors=True)
     olds = sorted(parent.glob(f".{target.name}{OLD}*"), key=lambda p: p.stat().st_mtime)
     if olds and not target.exists():
         os.rename(olds.pop(), target)
@@ -123,16 +131,19 @@ def recover_directory(target: str | os.PathLike) -> None:
 
 def staging_directory(target: str | os.PathLike) -> Path:
     """A fresh, empty staging sibling of ``target`` to write a new set of files into."""
-    target = Path(target)
+    target = real_path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}", dir=target.parent))
 
 
 def replace_directory(staged: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Move the complete ``staged`` directory onto ``target`` in one step; the old ``target`` (if any) is removed."""
+    """Move the complete ``staged`` directory onto ``target`` in one step; the old ``target`` (if any) is removed.
+
+    ``staged`` must come from :func:`staging_directory` of the same ``target`` (a sibling of its real path).
+    """
     import shutil
 
-    staged, target = Path(staged), Path(target)
+    staged, target = Path(staged), real_path(target)  # through a symlink: the folder it points to is replaced
     os.chmod(staged, 0o777 & ~_umask())  # mkdtemp made it 0700
     for f in (*staged.iterdir(), staged):  # the new set is on disk before it is named
         if f.is_file():

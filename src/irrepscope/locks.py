@@ -17,9 +17,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from irrepscope.atomic import remove_stale_temporaries
 from irrepscope.errors import IrrepscopeError
 
 RUN_LOCK = ".lock"
@@ -34,11 +36,15 @@ class DirectoryLock:
     nothing behind); ``command`` is said in the error a second writer gets.
     """
 
-    def __init__(self, lock_file: str | os.PathLike, directory: str | os.PathLike, command: str, create: bool = True) -> None:
+    def __init__(
+        self, lock_file: str | os.PathLike, directory: str | os.PathLike, command: str, create: bool = True,
+        cleanup: Callable[[], object] | None = None,
+    ) -> None:  # fmt: skip
         self.path = Path(lock_file)
         self.directory = Path(directory)
         self.command = command
         self.create = create
+        self.cleanup = cleanup  # run once the lock is ours: what a killed writer left can go now
         self._fd: int | None = None
         self._created: list[Path] = []
 
@@ -82,6 +88,8 @@ class DirectoryLock:
         os.write(fd, f"{self.command} (pid {os.getpid()} on {socket.gethostname()})".encode())
         self._fd = fd
         _HELD[key] = 1
+        if self.cleanup is not None:
+            self.cleanup()
         return self
 
     def release(self) -> None:
@@ -121,10 +129,19 @@ def lock_run(run_dir: str | os.PathLike, command: str, create: bool = False) -> 
     ``create``: make the directory if missing (training); else a missing one is an error.
     """
     run_dir = Path(run_dir)
-    return DirectoryLock(run_dir / RUN_LOCK, run_dir, command, create)
+
+    def cleanup() -> None:  # temporaries of an atomic write killed midway (train, evaluate, analyze)
+        remove_stale_temporaries(run_dir)
+        if (run_dir / "checkpoints").is_dir():
+            remove_stale_temporaries(run_dir / "checkpoints")
+
+    return DirectoryLock(run_dir / RUN_LOCK, run_dir, command, create, cleanup)
 
 
 def lock_output(target: str | os.PathLike, command: str) -> DirectoryLock:
-    """The lock of an output directory replaced whole (``.NAME.lock`` beside it: the directory itself is swapped)."""
-    target = Path(target)
+    """The lock of an output directory replaced whole (``.NAME.lock`` beside it: the directory itself is swapped).
+
+    Beside its real path (``.``, ``..`` and symlinks resolved), as the replacement is.
+    """
+    target = Path(os.path.realpath(target))
     return DirectoryLock(target.parent / f".{target.name}.lock", target.parent, command)

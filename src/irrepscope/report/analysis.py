@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from irrepscope.analysis.usage import FIELDS  # noqa: E402
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text, replace_directory, staging_directory  # noqa: E402
 from irrepscope.data.multipoles import target_order  # noqa: E402
+from irrepscope.errors import IrrepscopeError  # noqa: E402
 from irrepscope.report.images import figure_png, png_img_tag  # noqa: E402
 
 MEASURES = [
@@ -271,6 +272,25 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def is_analysis_file(name: str) -> bool:
+    """Whether an analysis writes a file of this name (what replacing an analysis folder may remove)."""
+    return name in ("usage.csv", "usage.json", "report.html") or (name.endswith(".png") and "/" not in name)
+
+
+def refuse_foreign_files(out: Path) -> None:
+    """Refuse to replace a folder that holds anything an analysis does not write (it would be deleted with the old set)."""
+    if not out.is_dir():
+        if out.exists():
+            raise IrrepscopeError(f"{out} is a file, not an analysis folder")
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and is_analysis_file(p.name)))
+    if foreign:
+        raise IrrepscopeError(
+            f"{out} holds files an analysis does not write ({', '.join(foreign[:3])}), which replacing it would delete; "
+            "move them, or choose another --out"
+        )
+
+
 def write_analysis(
     out: Path,
     result: dict[str, Any],
@@ -288,6 +308,7 @@ def write_analysis(
     """
     import time
 
+    refuse_foreign_files(out)
     staged = staging_directory(out)
     try:
         atomic_write_text(staged / "usage.csv", usage_csv(result["rows"]))

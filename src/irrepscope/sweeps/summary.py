@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from irrepscope.atomic import atomic_write_text
 from irrepscope.data.composition import unit_of
+from irrepscope.errors import IrrepscopeError
 from irrepscope.sweeps.prune import read_usage
 from irrepscope.sweeps.runner import run_status
 from irrepscope.sweeps.spec import Sweep
@@ -231,7 +233,11 @@ def collect_usage(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
         if not path.is_file():
             continue
         usage = read_usage(path.parents[1])
-        RunDir.at(path.parents[1]).check_pins(usage.get("pins"), path, "irrepscope analyze")
+        try:
+            RunDir.at(path.parents[1]).check_pins(usage.get("pins"), path, "irrepscope analyze")
+        except IrrepscopeError:  # made from an earlier best.pt (the run was extended): not this run's usage
+            print(f"note: {path} is of an earlier best.pt and is left out; `sweep --analyze` redoes it", file=sys.stderr)
+            continue
         for r in usage["rows"]:
             if r["block"] == "all":
                 rows.append(

@@ -38,6 +38,11 @@ from irrepscope.config import Config, config_from_dict, load_config, recipe_diff
 from irrepscope.errors import IrrepscopeError
 
 CHECKPOINT_FORMAT = "irrepscope-checkpoint-v1"
+# What a run directory may hold: its files, its outputs, and the markers of locks, sweep claims and failures.
+RUN_FILES = frozenset({
+    "config.yaml", "split.json", "composition.json", "metrics.csv", "checkpoints", "test.json", "analysis",
+    "pruned.yaml", "comparison", ".lock", ".claim", ".failed",
+})  # fmt: skip
 METRIC_FIELDS = [
     "epoch", "train_loss", "val_mae_mev", "val_rmse_mev", "val_baseline_mae_mev", "val_force_mae", "val_force_baseline_mae",
     "lr", "epoch_seconds", "molecules_per_s", "device",
@@ -76,6 +81,16 @@ class RunDir:
 
     def checkpoint(self, which: str = "best") -> Path:
         return self.root / "checkpoints" / f"{which}.pt"
+
+    def refuse_foreign_files(self) -> None:
+        """Refuse to train into a folder that holds files no run writes (a fresh run would mix in with them)."""
+        if not self.root.is_dir():
+            return
+        foreign = sorted(p.name for p in self.root.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+        if foreign:
+            raise IrrepscopeError(
+                f"--out {self.root} holds files that are not a run's ({', '.join(foreign[:3])}); choose an empty or new folder"
+            )
 
     def require(self) -> "RunDir":
         """Fail clearly unless this looks like a run directory."""
@@ -132,16 +147,15 @@ class RunDir:
         if changed:
             raise IrrepscopeError(
                 f"{self.root}: {made.relative_to(self.root) if made.is_relative_to(self.root) else made} was made from another "
-                f"{' and '.join(changed)} than the run holds now (edited, or copied from another run?); "
-                f"refusing to mix them: restore the file, or redo it ({remedy})"
+                f"{' and '.join(changed)} than the run holds now (edited, copied from another run, or left by an "
+                f"interrupted one); refusing to mix them: restore the file, or redo it ({remedy})"
             )
 
-    def check_consistent(self) -> None:
-        """Refuse a run whose files disagree: its checkpoints against config, split and composition, test.json against best.pt."""
+    def check_checkpoints(self) -> None:
+        """Refuse a run whose checkpoints were not trained with its config, split and composition."""
         for which in ("best", "last"):
             if self.checkpoint(which).is_file():
                 self.check_checkpoint(load_checkpoint(self.checkpoint(which)), which)
-        self.read_test()
 
     def _check_split_meta(self, config: Config, made: Path) -> None:
         """What split.json says it was drawn with must be what the config draws (also for files without pins)."""

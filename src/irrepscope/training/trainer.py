@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from irrepscope.atomic import atomic_write_json, remove_stale_temporaries
+from irrepscope.atomic import atomic_write_json
 from irrepscope.config import Config, TrainConfig, recipe_differences
 from irrepscope.data.batching import iterate_batches
 from irrepscope.data.composition import baseline_errors, baseline_name, fit_composition, force_baseline_errors, unit_of
@@ -239,8 +239,6 @@ class Trainer:
 
     def _resumed(self) -> tuple[EquivariantGraphConv, torch.optim.Optimizer, dict[str, Any]]:
         check_source(self.config.data, self.run.split)  # a structure file: still the one the run was split on?
-        remove_stale_temporaries(self.run.root)
-        remove_stale_temporaries(self.run.checkpoint("last").parent)
         state = load_checkpoint(self.run.checkpoint("last"), map_location=self.device)
         for key in ("optimizer", "epoch", "best_val_mae", "best_epoch"):
             if key not in state:
@@ -280,6 +278,8 @@ class Trainer:
                 raise IrrepscopeError(
                     f"{self.run.root} already holds a run; use --resume to continue it or choose another --out"
                 )
+            if not resume:
+                self.run.refuse_foreign_files()
             return self._train(resume)
 
     def _train(self, resume: bool) -> dict[str, Any]:
