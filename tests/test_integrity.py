@@ -478,3 +478,12 @@ def test_an_interrupted_resume_leaves_a_stale_test_json(run, capsys):
     one_line_error(capsys, cli("analyze", str(run), *ANALYSE), "interrupted")
     assert cli("evaluate", str(run)) == 0  # the remedy the message names
     assert cli("analyze", str(run), *ANALYSE) == 0
+
+
+def test_prune_through_a_symlink_takes_its_own_lock_once(run, tmp_path):
+    """prune holds the run's lock and analyses inside it: the same lock, however the run is named."""
+    shutil.rmtree(run / "analysis", ignore_errors=True)
+    (tmp_path / "alias").symlink_to(run)
+    assert cli("prune", str(tmp_path / "alias"), "--quiet") == 0
+    assert (run / "pruned.yaml").is_file() and (run / "analysis" / "usage.json").is_file()
+    assert not (run / ".lock").exists()

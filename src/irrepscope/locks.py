@@ -49,7 +49,7 @@ class DirectoryLock:
         self._created: list[Path] = []
 
     def acquire(self) -> "DirectoryLock":
-        key = self.path.absolute()
+        key = Path(os.path.realpath(self.path))
         if key in _HELD:  # an inner step of the same command (prune analyses the run it prunes)
             _HELD[key] += 1
             self._nested = True
@@ -93,7 +93,7 @@ class DirectoryLock:
         return self
 
     def release(self) -> None:
-        key = self.path.absolute()
+        key = Path(os.path.realpath(self.path))
         if getattr(self, "_nested", False):
             _HELD[key] -= 1
             self._nested = False
