@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,15 +265,15 @@ def analyze_nequip(
 
 def analysis_current(run_dir: Path) -> bool:
     """Whether the run has an analysis made from the files it holds now (its best.pt, split, composition)."""
-    path = run_dir / "analysis" / "usage.json"
-    if not path.is_file():
+    from irrepscope.sweeps.prune import read_usage, usage_is_current, usage_path
+
+    if not usage_path(run_dir).is_file():
         return False
     try:
-        usage = json.loads(path.read_text(encoding="utf-8"))
-        RunDir.at(run_dir).check_pins(usage.get("pins"), path, "irrepscope analyze")
-    except (IrrepscopeError, OSError, ValueError, AttributeError):
+        usage = read_usage(run_dir)
+    except IrrepscopeError:  # unreadable: redo it
         return False
-    return True
+    return usage_is_current(run_dir, usage)
 
 
 def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> int:

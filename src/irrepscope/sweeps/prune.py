@@ -93,6 +93,15 @@ def pruned_config(run_dir: str | Path, usage: dict[str, Any]) -> Config:
     return pruned.validate()
 
 
+def usage_is_current(run_dir: str | Path, usage: dict[str, Any]) -> bool:
+    """Whether an analysis was made from the files the run holds now (its best.pt, split, composition)."""
+    try:
+        RunDir.at(run_dir).check_pins(usage.get("pins"), usage_path(run_dir), "irrepscope analyze")
+    except IrrepscopeError:
+        return False
+    return True
+
+
 def analysis_problem(run_dir: str | Path, usage: dict[str, Any]) -> str | None:
     """Why an analysis cannot decide what to prune (None when it can).
 
@@ -108,9 +117,7 @@ def analysis_problem(run_dir: str | Path, usage: dict[str, Any]) -> str | None:
     analysed = usage.get("analysed_orders", usage.get("orders"))
     if analysed is None or sorted(int(l) for l in analysed) != sorted(orders):
         return f"it analysed only orders {analysed} of {orders}"
-    try:
-        run.check_pins(usage.get("pins"), usage_path(run_dir), "irrepscope analyze")
-    except IrrepscopeError:
+    if not usage_is_current(run_dir, usage):
         return "it was made from other files than the run holds now (another best.pt or split)"
     return None
 

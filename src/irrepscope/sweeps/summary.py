@@ -17,8 +17,7 @@ import numpy as np
 
 from irrepscope.atomic import atomic_write_text
 from irrepscope.data.composition import unit_of
-from irrepscope.errors import IrrepscopeError
-from irrepscope.sweeps.prune import read_usage
+from irrepscope.sweeps.prune import read_usage, usage_is_current
 from irrepscope.sweeps.runner import run_status
 from irrepscope.sweeps.spec import Sweep
 from irrepscope.training.runs import RunDir
@@ -233,9 +232,7 @@ def collect_usage(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
         if not path.is_file():
             continue
         usage = read_usage(path.parents[1])
-        try:
-            RunDir.at(path.parents[1]).check_pins(usage.get("pins"), path, "irrepscope analyze")
-        except IrrepscopeError:  # made from an earlier best.pt (the run was extended): not this run's usage
+        if not usage_is_current(path.parents[1], usage):  # made from an earlier best.pt (the run was extended)
             print(f"note: {path} is of an earlier best.pt and is left out; `sweep --analyze` redoes it", file=sys.stderr)
             continue
         for r in usage["rows"]:
