@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -166,6 +167,36 @@ def test_paired_comparison_and_usage_table_on_known_numbers():
     (u,) = usage_table(usage)
     assert u["delta_mean"] == pytest.approx(0.4 / 3) and u["delta_std"] == pytest.approx(0.15275252, rel=1e-6)
     assert u["unused_in"] == 1
+    assert "relative_mean" not in u  # no model MAE recorded: no relative ΔMAE
+
+
+def test_usage_comparison_pairs_variants_with_the_same_orders_by_seed():
+    from scipy import stats
+
+    from irrepscope.sweeps.summary import usage_comparisons, usage_table
+
+    def row(variant, seed, order, delta, mae, force_delta=None, force_mae=None):
+        forces = {"force_delta": force_delta, "model_force_mae": force_mae, "force_verdict": "used"} if force_mae else {}
+        return {"variant": variant, "seed": seed, "order": order, "delta_mae_ev": delta, "model_mae_ev": mae,
+                "verdict": "used", **forces}  # fmt: skip
+
+    usage = [
+        row("e", 0, 1, 0.2, 0.4, 0.1, 1.0), row("e", 1, 1, 0.3, 0.5, 0.0, 0.8), row("e", 2, 1, 0.1, 0.2, 0.2, 1.0),
+        row("f", 0, 1, 0.4, 0.4, 0.5, 0.25), row("f", 1, 1, 0.5, 1.0, 0.3, 0.3), row("f", 2, 1, 0.3, 0.5, 0.4, 0.2),
+        row("f", 0, 0, 1.0, 0.4), row("e", 0, 0, 1.0, 0.4),  # order 0: one seed only, no comparison
+        row("other", 0, 1, 0.1, 0.1), row("other", 1, 1, 0.1, 0.1),  # other orders ({1} only): not compared
+    ]  # fmt: skip
+    by = {(u["variant"], u["order"]): u for u in usage_table(usage)}
+    assert by[("e", 1)]["relative_mean"] == pytest.approx((0.5 + 0.6 + 0.5) / 3)
+    assert by[("f", 1)]["force_relative_mean"] == pytest.approx((2.0 + 1.0 + 2.0) / 3)
+    (c,) = usage_comparisons(usage)
+    assert (c["a"], c["b"], c["order"], c["seeds"]) == ("e", "f", 1, 3)
+    e, f = [0.5, 0.6, 0.5], [1.0, 0.5, 0.6]
+    assert c["energy_diff_mean"] == pytest.approx(np.mean(np.subtract(e, f)))
+    assert c["energy_p"] == pytest.approx(stats.ttest_rel(e, f).pvalue)
+    fe, ff = [0.1, 0.0, 0.2], [2.0, 1.0, 2.0]
+    assert c["force_diff_mean"] == pytest.approx(np.mean(np.subtract(fe, ff)))
+    assert c["force_t"] == pytest.approx(stats.ttest_rel(fe, ff).statistic)
 
 
 def test_training_times_of_different_devices_are_not_averaged_together():

@@ -219,6 +219,10 @@ def status_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _relative_cell(row: dict[str, Any], name: str) -> str:
+    return mean_pm_std(row[f"{name}_mean"], row[f"{name}_std"]) if f"{name}_mean" in row else ""
+
+
 def mean_pm_std(mean: float, std: float) -> str:
     """``mean ± std`` with four decimals, or the mean alone for a single seed."""
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
@@ -243,9 +247,10 @@ def collect_usage(sweep: Sweep, out_dir: str | Path) -> list[dict[str, Any]]:
                         "seed": spec.seed,
                         "order": int(r["order"]),
                         "delta_mae_ev": r["ablation_delta_mae_ev"],
-                        "model_mae_ev": usage["model_mae"],
+                        "model_mae_ev": usage.get("ablation_model_mae", usage["model_mae"]),
                         "verdict": r["verdict"],
                         "force_delta": r.get("force_delta_mae"),
+                        "model_force_mae": usage.get("force_mae"),
                         "force_verdict": r.get("force_verdict") or "",
                     }
                 )
@@ -259,14 +264,13 @@ def usage_table(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["variant"], r["order"]), []).append(r)
     out = []
     for (variant, order), items in groups.items():
-        d = np.array([r["delta_mae_ev"] for r in items], dtype=float)
         out.append(
             {
                 "variant": variant,
                 "order": order,
                 "seeds": len(items),
-                "delta_mean": float(d.mean()),
-                "delta_std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+                **_mean_std([float(r["delta_mae_ev"]) for r in items], "delta"),
+                **(_mean_std(relative, "relative") if (relative := _relative(items, "energy")) else {}),
                 "unused_in": sum(r["verdict"] == "unused" for r in items),
                 **_force_usage(items),
             }
@@ -274,14 +278,67 @@ def usage_table(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _relative(items: list[dict[str, Any]], what: str) -> list[float]:
+    """Per run, the ΔMAE of an order divided by the model's own MAE (energies or forces); [] where a run lacks it.
+
+    Models of different accuracy are compared by how much of their own error an order's
+    removal adds: an energy-only and a force-trained model differ in energy MAE by 30 % or more.
+    """
+    delta, model = ("delta_mae_ev", "model_mae_ev") if what == "energy" else ("force_delta", "model_force_mae")
+    if what == "forces" and not all(r.get("force_verdict") in ("used", "unused") for r in items):
+        return []
+    if not all(r.get(model) not in (None, "", 0) for r in items):
+        return []
+    return [float(r[delta]) / float(r[model]) for r in items]
+
+
 def _force_usage(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Over seeds, the force ΔMAE of an order zeroed after every block, where every run analysed its forces."""
     if not items or not all(r.get("force_verdict") in ("used", "unused") for r in items):
         return {}
+    relative = _relative(items, "forces")
     return {
         **_mean_std([float(r["force_delta"]) for r in items], "force_delta"),
+        **(_mean_std(relative, "force_relative") if relative else {}),
         "force_unused_in": sum(r["force_verdict"] == "unused" for r in items),
     }
+
+
+def usage_comparisons(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Does the training change how much an order is used? Variants with the same orders, paired by seed, per order.
+
+    For every pair of variants whose analyses cover the same orders (e.g. one trained on
+    energies only, one on energies and forces) and every order, over the seeds both have:
+    the difference of the relative ΔMAE (ΔMAE / the model's own MAE, :func:`_relative`) of
+    the energy and, where both analysed forces, of the forces, with a paired t-test.
+    """
+    from scipy import stats
+
+    by: dict[str, dict[int, dict[int, dict[str, Any]]]] = {}  # variant -> order -> seed -> row
+    for r in usage_rows:
+        by.setdefault(r["variant"], {}).setdefault(int(r["order"]), {})[int(r["seed"])] = r
+    names = list(by)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if set(by[a]) != set(by[b]):
+                continue
+            for order in sorted(by[a]):
+                seeds = sorted(set(by[a][order]) & set(by[b][order]))
+                if len(seeds) < 2:
+                    continue
+                row: dict[str, Any] = {"a": a, "b": b, "order": order, "seeds": len(seeds)}
+                for what, key in (("energy", "energy"), ("forces", "force")):
+                    ra = _relative([by[a][order][s] for s in seeds], what)
+                    rb = _relative([by[b][order][s] for s in seeds], what)
+                    if not ra or not rb:
+                        continue
+                    diff = np.subtract(ra, rb)
+                    t, p = stats.ttest_rel(ra, rb)
+                    row.update({f"{key}_a": float(np.mean(ra)), f"{key}_b": float(np.mean(rb)), f"{key}_diff_mean": float(diff.mean()),
+                                f"{key}_diff_std": float(diff.std(ddof=1)), f"{key}_t": float(t), f"{key}_p": float(p)})  # fmt: skip
+                out.append(row)
+    return out
 
 
 def paired_comparisons(rows: list[dict[str, Any]], key: str = "test_mae_ev") -> list[dict[str, Any]]:
@@ -358,19 +415,42 @@ def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, A
             "",
             "## Order usage: MAE increase when the order is zeroed after every block",
             "",
-            "From each run's `analysis/usage.json` (its own test split); mean ± sample standard deviation over seeds.",
+            "From each run's `analysis/usage.json` (its own test split); mean ± sample standard deviation over seeds. "
+            "Relative: the ΔMAE divided by the model's own MAE on the same structures (1.0: zeroing the order doubles the error).",
             "",
-            "| configuration | order | seeds | ΔMAE (target unit) | unused in | force ΔMAE (eV/Å) | unused for forces in |",
-            "|---|---|---|---|---|---|---|",
+            "| configuration | order | seeds | ΔMAE (target unit) | relative | unused in "
+            "| force ΔMAE (eV/Å) | relative | unused for forces in |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for u in table:
             force = (
-                f"{mean_pm_std(u['force_delta_mean'], u['force_delta_std'])} | {u['force_unused_in']}/{u['seeds']}"
+                f"{mean_pm_std(u['force_delta_mean'], u['force_delta_std'])} | {_relative_cell(u, 'force_relative')} "
+                f"| {u['force_unused_in']}/{u['seeds']}"
                 if "force_delta_mean" in u
-                else " | "
+                else " | | "
             )
             lines.append(
                 f"| {u['variant']} | {u['order']} | {u['seeds']} | {mean_pm_std(u['delta_mean'], u['delta_std'])} "
-                f"| {u['unused_in']}/{u['seeds']} | {force} |"
+                f"| {_relative_cell(u, 'relative')} | {u['unused_in']}/{u['seeds']} | {force} |"
             )
+    changes = usage_comparisons(usage_rows)
+    if changes:
+        lines += [
+            "",
+            "## Does the training change how much an order is used? (paired by seed)",
+            "",
+            "Variants with the same orders, per order: the relative ΔMAE of a (ΔMAE / its own MAE) minus b's, "
+            "mean ± sd over the seeds both have, and a paired t-test (with 3 seeds only a large, consistent change reaches p < 0.05).",
+            "",
+            "| a | b | order | seeds | energy: rel. ΔMAE a − b | t | p | forces: rel. ΔMAE a − b | t | p |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in changes:
+            cells = []
+            for key in ("energy", "force"):
+                if f"{key}_diff_mean" in c:
+                    cells.append(f"{mean_pm_std(c[f'{key}_diff_mean'], c[f'{key}_diff_std'])} | {c[f'{key}_t']:.2f} | {c[f'{key}_p']:.3f}")
+                else:
+                    cells.append(" | | ")
+            lines.append(f"| {c['a']} | {c['b']} | {c['order']} | {c['seeds']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + ("\n" if lines else "")
