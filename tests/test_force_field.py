@@ -103,6 +103,18 @@ def test_analysis_reports_force_usage(force_run, xtb_file):
     expected = np.mean(np.abs(ablated.double().numpy() - truth)) - np.mean(np.abs(base.double().numpy() - truth))
     assert rows[(1, 1)]["force_delta_mae"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert result["force_mae"] == pytest.approx(np.mean(np.abs(base.double().numpy() - truth)), rel=1e-9)
+    # Label-free measures (the model against itself): the same cases, known answers
+    for l in (1, 2):  # the readout ignores l > 0 of the last block: nothing changes
+        assert rows[(2, l)]["energy_change_per_atom"] == 0.0 and rows[(2, l)]["force_change"] == 0.0
+    # without any scalar the forces vanish: the change is the model's own mean |F|, relative change 1
+    assert rows[("all", 0)]["force_change"] == pytest.approx(np.mean(np.abs(base.double().numpy())), rel=1e-9)
+    assert rows[("all", 0)]["force_change_rel"] == pytest.approx(1.0, rel=1e-9)
+    e_base, _ = model.energy_and_forces(batch)
+    e_abl, _ = model.energy_and_forces(batch, lambda i, x: model.zero_order(i, x, 1) if i == 0 else x)
+    atoms = np.diff(structures.atom_ptr)[idx]
+    by_hand = np.mean(np.abs(e_abl.double().numpy() - e_base.double().numpy()) / atoms)
+    assert rows[(1, 1)]["energy_change_per_atom"] == pytest.approx(by_hand, rel=1e-9, abs=1e-12)
+    assert rows[(1, 1)]["force_change"] == pytest.approx(np.mean(np.abs(ablated.double().numpy() - base.double().numpy())), rel=1e-9)
 
 
 def test_cli_analysis_and_predict_with_forces(force_run, xtb_file, tmp_path, capsys):

@@ -27,7 +27,11 @@ With forces (structures that carry them, a model that computes them):
 that block (or every block) minus the model's force MAE, on the force ablation's
 structures, recomputed through the hooked model; ``force_verdict`` compares it with
 ``THRESHOLD`` x the model's force MAE there. An order is unused (``decide_orders``) only
-when it is unused for the energies and for the forces.
+when it is unused for the energies and for the forces. Beside them, measures against the
+model itself that need no labels (the ones a pretrained potential is judged by):
+``energy_change_per_atom``, the mean |ΔE| per atom (eV/atom), ``force_change``, the mean
+|ΔF| per component (eV/Å), and ``force_change_rel``, that divided by the model's own mean
+|F|, all between the ablated and the unablated model on the same structures.
 
 Path weights: for every tensor-product path (l_in x l_edge -> l_out), the RMS of the
 per-edge weights the radial MLP produces over the evaluated edges.
@@ -64,8 +68,12 @@ FIELDS = [
     "verdict",
     "force_delta_mae",
     "force_verdict",
+    "energy_change_per_atom",
+    "force_change",
+    "force_change_rel",
 ]
 MEASURES = FIELDS[2:7]  # the numeric per-row measures of the energy
+FORCE_FIELDS = FIELDS[FIELDS.index("force_delta_mae") :]  # filled where the forces were analysed
 
 
 def check_threshold(value: Any, name: str = "threshold") -> float:
@@ -160,7 +168,7 @@ def usage_rows(
                 # This block puts out no order l (e.g. a NequIP last layer of scalars only).
                 rows.append(
                     {"block": b + 1, "order": l, **{k: float("nan") for k in MEASURES}, "verdict": "absent",
-                     "force_delta_mae": float("nan"), "force_verdict": "absent" if forces is not None else ""}
+                     **_force_columns(forces, b, l, threshold)}
                 )  # fmt: skip
                 continue
             delta = mae(eval_pass.ablation_prediction[b, j], eval_pass.target) - base
@@ -204,10 +212,20 @@ def usage_rows(
 
 
 def _force_columns(forces: ForcePass | None, block: int | None, l: int, threshold: float) -> dict[str, Any]:
+    """The force columns of a row: ΔMAE against the labels and the label-free changes (NaN without a force pass)."""
+    nan = float("nan")
     if forces is None:
-        return {"force_delta_mae": float("nan"), "force_verdict": ""}
+        return {"force_delta_mae": nan, "force_verdict": "", "energy_change_per_atom": nan, "force_change": nan,
+                "force_change_rel": nan}  # fmt: skip
     delta = forces.delta(block, l)
-    return {"force_delta_mae": delta, "force_verdict": "absent" if np.isnan(delta) else verdict(delta, forces.force_mae, threshold)}
+    change = forces.force_change(block, l)
+    return {
+        "force_delta_mae": delta,
+        "force_verdict": "absent" if np.isnan(delta) else verdict(delta, forces.force_mae, threshold),
+        "energy_change_per_atom": forces.energy_change(block, l),
+        "force_change": change,
+        "force_change_rel": change / forces.mean_force() if forces.mean_force() > 0 else nan,
+    }
 
 
 def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from irrepscope.analysis.usage import FIELDS  # noqa: E402
+from irrepscope.analysis.usage import FIELDS, FORCE_FIELDS  # noqa: E402
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text, replace_directory, staging_directory  # noqa: E402
 from irrepscope.data.multipoles import target_order  # noqa: E402
 from irrepscope.errors import IrrepscopeError  # noqa: E402
@@ -203,7 +203,7 @@ def write_analysis_report(
     }
     if _has_forces(result):
         metrics.update({"force MAE (eV/Å)": result["force_mae"], "zero-force baseline MAE": result["force_baseline_mae"]})
-    fields = FIELDS if _has_forces(result) else [f for f in FIELDS if not f.startswith("force_")]
+    fields = FIELDS if _has_forces(result) else [f for f in FIELDS if f not in FORCE_FIELDS]
     test_metrics = {k: v for k, v in (test_metrics or {}).items() if k != "pins"}  # sha256s: for checks, not reading
     test_html = _table([test_metrics], list(test_metrics)) if test_metrics else "<p>No test.json in the run.</p>"
     map_rows = [{"map": k, **v} for k, v in result["maps"].items()]
@@ -230,7 +230,7 @@ on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_inp
 of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
 <b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE on the molecules it was
 measured on (all-blocks rows: the {result['ablation_molecules']} ablation molecules).
-{'<b>force_delta_mae</b>: force MAE per component (eV/&Aring;) with the order zeroed, forces recomputed through the model, minus the model&#39;s, on the ablation structures; <b>force_verdict</b> likewise against the force MAE.' if _has_forces(result) else ''}
+{'<b>force_delta_mae</b>: force MAE per component (eV/&Aring;) with the order zeroed, forces recomputed through the model, minus the model&#39;s, on the ablation structures; <b>force_verdict</b> likewise against the force MAE. Against the model itself (no labels needed): <b>energy_change_per_atom</b>, mean |&Delta;E| per atom (eV), <b>force_change</b>, mean |&Delta;F| per component (eV/&Aring;), and <b>force_change_rel</b>, that over the model&#39;s mean |F|.' if _has_forces(result) else ''}
 {_readout_note(result)}</p>
 {_table(result['rows'], fields)}
 {''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('usage.png', 'paths.png'))}
