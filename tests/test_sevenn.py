@@ -126,3 +126,129 @@ def test_multi_fidelity_model_runs_with_its_modal():
     frames = _frames()[:2]
     energies, forces = mf.energy_and_forces(mf.batch_of(_structures(frames), np.arange(2)))
     assert torch.isfinite(energies).all() and forces.shape == (sum(len(a) for a in frames), 3)
+
+
+# --- the potential analysis: the model against itself -------------------------------------------------
+
+
+def _write_frames(path, frames, classes=None):
+    import ase.io
+
+    frames = [f.copy() for f in frames]
+    for f, c in zip(frames, classes or [None] * len(frames)):
+        if c is not None:
+            f.info["class"] = c
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def potential_result(tmp_path_factory):
+    import irrepscope as irs
+
+    tmp = tmp_path_factory.mktemp("seven")
+    path = _write_frames(tmp / "mixed.extxyz", _frames(), [None, "ionic crystal", None])
+    return irs.analyze_sevenn("7net-0", path, tmp / "out", progress=False), tmp
+
+
+def test_potential_analysis_known_answers(potential_result, seven):
+    result, tmp = potential_result
+    rows = {(r["block"], r["order"]): r for r in result["rows"]}
+    # the last block puts out scalars only: no l > 0 case there
+    assert rows[(5, 1)]["verdict"] == "absent" and rows[(5, 1)]["force_change"] is None  # NaN in JSON
+    # zeroing every scalar after every block (or after the last) leaves no force: the change is the whole force
+    for key in (("all", 0), (5, 0)):
+        assert rows[key]["force_change_rel"] == pytest.approx(1.0, rel=1e-6)
+    # a per-block value by hand through the hook (on the unrounded positions: the file holds 8 decimals)
+    mols = _structures(_frames())
+    batch = seven.batch_of(mols, np.arange(3))
+    e, f = seven.energy_and_forces(batch)
+    e1, f1 = seven.energy_and_forces(batch, lambda i, x: seven.zero_order(i, x, 1) if i == 1 else x)
+    atoms = np.array([len(a) for a in _frames()])
+    assert rows[(2, 1)]["energy_change_per_atom"] == pytest.approx(np.mean(np.abs((e1 - e).double().numpy()) / atoms), rel=1e-3)
+    assert rows[(2, 1)]["force_change"] == pytest.approx((f1 - f).abs().double().mean().item(), rel=1e-3)
+    assert result["mean_force"] == pytest.approx(f.abs().double().mean().item(), rel=1e-4)
+    # classes: the given one, else by periodicity; per class, the same measures on its structures only
+    classes = {c["class"]: c for c in result["classes"]}
+    assert set(classes) == {"molecule", "ionic crystal", "crystal"}
+    assert classes["molecule"]["structures"] == 1 and classes["crystal"]["atoms"] == 8
+    graph = batch.atom_graph.numpy()
+    mol_force = f[graph == 0].abs().double().mean().item()
+    assert classes["molecule"]["mean_force"] == pytest.approx(mol_force, rel=1e-4)
+    assert not result.get("force_mae")  # the file has no forces: nothing to compare with
+    for name in ("usage.json", "usage.csv", "usage.png", "report.html"):
+        assert (tmp / "out" / name).is_file()
+    assert "ionic crystal" in (tmp / "out" / "report.html").read_text()
+
+
+def test_potential_verdicts_follow_the_thresholds():
+    from irrepscope.analysis.potential import self_verdict
+
+    assert self_verdict(0.002, 0.0, 1e-3, 0.01) == "used"  # energy alone
+    assert self_verdict(0.0, 0.02, 1e-3, 0.01) == "used"  # forces alone
+    assert self_verdict(0.0009, 0.009, 1e-3, 0.01) == "unused"
+    assert self_verdict(float("nan"), float("nan"), 1e-3, 0.01) == "absent"
+
+
+def test_potential_cli_with_labels_and_bad_input(tmp_path, capsys):
+    from helpers import one_line_error, run_cli
+
+    frames = _frames()[:2]
+    labelled = []
+    for a in frames:  # forces of another "level of theory": twice SevenNet's own
+        from sevenn.calculator import SevenNetCalculator
+
+        a = a.copy()
+        a.calc = SevenNetCalculator("7net-0", device="cpu")
+        f = 2 * a.get_forces()
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        a.calc = SinglePointCalculator(a, energy=0.0, forces=f)
+        labelled.append(a)
+    import ase.io
+
+    path = tmp_path / "labelled.extxyz"
+    ase.io.write(path, labelled, format="extxyz")  # with their calculators' forces
+    out = tmp_path / "an"
+    code = run_cli("analyze", "7net-0", "--structures", str(path), "--out", str(out), "--orders", "1", "--quiet")
+    assert code == 0
+    assert "force change when an order is zeroed" in capsys.readouterr().out
+    import json
+
+    usage = json.loads((out / "usage.json").read_text())
+    # labels are twice the model's forces: the model's error is exactly its own mean |F|
+    assert usage["force_mae"] == pytest.approx(usage["mean_force"], rel=1e-5)
+    assert usage["force_baseline_mae"] == pytest.approx(2 * usage["mean_force"], rel=1e-5)
+    assert usage["analysed_orders"] == [1] and all(r["order"] == 1 for r in usage["rows"])
+    cases = [
+        (["analyze", "7net-0"], "needs --structures"),
+        (["analyze", "7net-0", "--structures", str(tmp_path / "none.extxyz")], "no such structure file"),
+        (["analyze", "7net-0", "--structures", str(path), "--molecules", "x"], "are for NequIP models"),
+        (["analyze", str(tmp_path), "--structures", str(path)], "--structures is for SevenNet models"),
+        (["analyze", "7net-0", "--structures", str(path), "--force-threshold", "nan"], "finite number"),
+        (["analyze", "7net-mf-0", "--structures", str(path), "--out", str(tmp_path / "mf")], "give a modal"),
+        (["sample-crystals", str(tmp_path / "c.extxyz.gz"), "--crystal", "Xx"], "unknown crystals"),
+        (["sample-crystals", str(tmp_path / "c.xyz")], "written as .extxyz.gz"),
+    ]
+    for args, match in cases:
+        one_line_error(capsys, run_cli(*args), match)
+
+
+def test_crystal_sampling_is_seeded_and_periodic(tmp_path):
+    import hashlib
+
+    from irrepscope.data.crystals import sample_crystals
+    from irrepscope.data.structures import CLASS
+    from irrepscope.data.xyz import read_extxyz
+
+    kw = dict(crystals=["Si", "NaCl"], temperatures=(1000.0,), frames=2, every=1, equilibration=1, progress=False)
+    a = sample_crystals(tmp_path / "a.extxyz.gz", **kw)
+    b = sample_crystals(tmp_path / "b.extxyz.gz", **kw)
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    c = sample_crystals(tmp_path / "c.extxyz.gz", **{**kw, "seed": 1})
+    assert a.read_bytes() != c.read_bytes()
+    structures, _ = read_extxyz([a], energy_key=None)
+    assert len(structures) == 4 and structures.periodic.all()
+    assert list(structures.properties[CLASS]) == ["covalent crystal"] * 2 + ["ionic crystal"] * 2
+    assert list(structures.properties["temperature_K"]) == [1000.0] * 4
+    assert "forces" not in structures.atom_properties  # unlabelled by design

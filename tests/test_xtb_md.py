@@ -22,6 +22,7 @@ from tblite.ase import TBLite  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from irrepscope.data import xtb_md  # noqa: E402
+from irrepscope.data.md import thermalize  # noqa: E402
 from irrepscope.data.qm9 import load_qm9  # noqa: E402
 from irrepscope.errors import IrrepscopeError  # noqa: E402
 
@@ -221,7 +222,7 @@ def test_linear_molecules_get_finite_velocities(qm9m):
     indices = xtb_md._qm9_indices(qm9m)
     z, pos = xtb_md._qm9_geometry(qm9m, int(np.searchsorted(indices, 4)))
     atoms = Atoms(numbers=z, positions=pos)
-    xtb_md._thermalize(atoms, 500.0, np.random.default_rng([0, 4]))
+    thermalize(atoms, 500.0, np.random.default_rng([0, 4]))
     p = atoms.get_momenta()
     r = atoms.get_positions() - atoms.get_center_of_mass()
     assert np.isfinite(p).all() and np.abs(p).max() > 0

@@ -1,7 +1,7 @@
 """irrepscope: train equivariant graph networks on QM9 and measure which orders they use.
 
 The public Python API (see the README's "Python API"): :func:`load_run`, :func:`analyze`,
-:func:`analyze_run`, :func:`analyze_model` and :class:`AnalysedModel`, the interface a
+:func:`analyze_run`, :func:`analyze_model`, :func:`analyze_nequip`, :func:`analyze_sevenn` and :class:`AnalysedModel`, the interface a
 model family implements to be analysed. Imported lazily: ``import irrepscope`` stays cheap
 for the CLI.
 """
@@ -9,7 +9,8 @@ for the CLI.
 __version__ = "0.1.0"
 
 __all__ = [
-    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sweep", "load_run",
+    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sevenn",
+    "analyze_sweep", "load_run",
 ]  # fmt: skip
 
 

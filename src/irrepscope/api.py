@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from irrepscope.analysis import potential
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
@@ -263,6 +264,64 @@ def analyze_nequip(
         return write_analysis(out_dir, result, text, None, progress=progress, started=t0)
 
 
+def analyze_sevenn(
+    model: str | Path,
+    structures: str | Path | list[str | Path],
+    out: str | Path | None = None,
+    *,
+    modal: str | None = None,
+    forces_key: str = "forces",
+    max_structures: int | None = None,
+    seed: int = 0,
+    orders: list[int] | None = None,
+    batch_size: int = 8,
+    energy_threshold: float = potential.ENERGY_THRESHOLD,
+    force_threshold: float = potential.FORCE_THRESHOLD,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Which orders carry a SevenNet model's energies and forces, measured against itself; writes ``out``.
+
+    ``model``: a shipped pretrained name (``7net-0``, ``7net-0_22May2024``, ``7net-l3i5``,
+    ``7net-mf-0`` with ``modal``) or a SevenNet checkpoint (``.pth``). ``structures``: one or
+    more structure files (extxyz, with or without cells; forces under ``forces_key`` are used
+    where every frame has them) or shipped sets by name (``qm9_xtb``, ``crystals``), of which a
+    seeded subset of ``max_structures``. ``out`` defaults to ``runs/sevenn/MODEL/analysis``
+    (beside a checkpoint file: its ``analysis/``). Returns usage.json's content.
+    """
+    from irrepscope.analysis.sevenn_model import SevenNetModel
+    from irrepscope.data.sources import source_path
+    from irrepscope.data.xyz import read_extxyz
+    from irrepscope.report.potential import write_potential_analysis
+
+    t0 = time.perf_counter()
+    names = [structures] if isinstance(structures, (str, Path)) else list(structures)
+    if not names:
+        raise IrrepscopeError("no structures given: name a structure file or a shipped set (qm9_xtb, crystals)")
+    paths = [source_path(str(_path(n, "structures"))) for n in names]
+    check_count(max_structures, "max_structures")
+    model_text = str(_path(model, "model"))
+    out_dir = (
+        _path(out, "out") if out is not None
+        else Path(model_text).parent / "analysis" if model_text.endswith(".pth")
+        else Path("runs") / "sevenn" / model_text / "analysis"
+    )  # fmt: skip
+    with lock_output(out_dir, "irrepscope analyze"):
+        recover_directory(out_dir)
+        from irrepscope.report.analysis import refuse_foreign_files
+
+        refuse_foreign_files(out_dir)  # before the work, not after it
+        seven = SevenNetModel.load(model_text, modal=modal)
+        mols, _ = read_extxyz(paths, energy_key=None, forces_key=forces_key)
+        indices = np.sort(np.asarray(_subset(len(mols), max_structures, seed), dtype=np.int64))
+        with torch.inference_mode(False):
+            result = potential.analyze_potential(
+                seven, mols, indices, orders=orders, batch_size=batch_size, energy_threshold=energy_threshold,
+                force_threshold=force_threshold, progress=progress,
+            )  # fmt: skip
+        result = {"model": model_text, "modal": modal, "structures": ", ".join(map(str, names)), "seed": seed, **result}
+        return write_potential_analysis(out_dir, result, started=t0)
+
+
 def analysis_current(run_dir: Path) -> bool:
     """Whether the run has an analysis made from the files it holds now (its best.pt, split, composition)."""
     from irrepscope.sweeps.prune import read_usage, usage_is_current, usage_path
@@ -294,5 +353,6 @@ def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> i
 
 
 __all__ = [
-    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sweep", "load_run",
+    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sevenn",
+    "analyze_sweep", "load_run",
 ]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune | export | sample-xtb``.
+"""Command-line interface: ``irrepscope info | train | evaluate | predict | analyze | sweep | prune | export | sample-xtb |
+sample-crystals``.
 
 Bad input raises :class:`IrrepscopeError`; :func:`main` prints it as one line on stderr
 and exits with status 2.
@@ -259,7 +260,7 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--energy-key", default="energy", show_default=True, help="With structure files: the frames' energy key (eV).")
 @click.option("--forces-key", default="forces", show_default=True, help="With structure files: the frames' forces key (eV/Å), where present.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="For a NequIP model: where to write [default: analysis/ beside the model].")
+              help="For a NequIP or SevenNet model: where to write [default: analysis/ beside the model; runs/sevenn/NAME/analysis].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--max-molecules", type=int, default=None, callback=_count, help="Analyse a seeded random subset of N molecules of the split.")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
@@ -269,8 +270,15 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Structures (seeded subset) for the all-blocks ablation.")
 @click.option("--threshold", type=float, default=THRESHOLD, callback=_finite_fraction, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option("--batch-size", type=int, default=256, callback=_count, show_default=True)
+@click.option("--batch-size", type=int, default=None, callback=_count, help="Structures per batch [default: 256; 8 for SevenNet].")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--structures", multiple=True, metavar="FILE|SET",
+              help="For a SevenNet model: a structure file (extxyz, cells welcome) or a shipped set (qm9_xtb, crystals); repeatable.")
+@click.option("--modal", default=None, help="For a multi-fidelity SevenNet model (7net-mf-0): its fidelity, e.g. PBE.")
+@click.option("--energy-threshold", type=float, default=None, callback=_finite_fraction,
+              help="For a SevenNet model: used when zeroing changes the energy by at least this (eV/atom) [default: 0.001].")
+@click.option("--force-threshold", type=float, default=None, callback=_finite_fraction,
+              help="For a SevenNet model: ... or the forces by at least this fraction of their mean |F| [default: 0.01].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(
     run_dir: str,
@@ -288,17 +296,48 @@ def analyze(
     ablation_molecules: int | None,
     threshold: float,
     checkpoint: str,
-    batch_size: int,
+    batch_size: int | None,
     device: str,
+    structures: tuple[str, ...],
+    modal: str | None,
+    energy_threshold: float | None,
+    force_threshold: float | None,
     quiet: bool,
 ) -> None:
     """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html).
 
     RUN_DIR may also be a trained NequIP model (.ckpt or .nequip.zip) with --molecules RUN, or with
-    --molecules FILE.extxyz --train-molecules TRAIN.extxyz.
+    --molecules FILE.extxyz --train-molecules TRAIN.extxyz; or a SevenNet model (a pretrained name
+    such as 7net-0, or a .pth checkpoint) with --structures FILE|SET, measured against itself.
     """
-    from irrepscope.api import analyze_nequip, analyze_run
+    from irrepscope.analysis.sevenn_model import is_sevenn_model
+    from irrepscope.api import analyze_nequip, analyze_run, analyze_sevenn
 
+    sevenn_only = {"--structures": bool(structures), "--modal": modal is not None,
+                   "--energy-threshold": energy_threshold is not None, "--force-threshold": force_threshold is not None}  # fmt: skip
+    if is_sevenn_model(run_dir) and not run_dir.endswith(".nequip.pth"):
+        if not structures:
+            raise IrrepscopeError(f"analysing SevenNet model {run_dir} needs --structures FILE|SET (e.g. crystals, qm9_xtb)")
+        if molecules is not None or train_molecules is not None or energy_key != "energy":
+            raise IrrepscopeError("--molecules, --train-molecules and --energy-key are for NequIP models; SevenNet takes --structures")
+        result = analyze_sevenn(
+            run_dir, list(structures), out, modal=modal, forces_key=forces_key, max_structures=max_molecules, orders=_order_list(orders),
+            batch_size=batch_size or 8, progress=not quiet,
+            **({"energy_threshold": energy_threshold} if energy_threshold is not None else {}),
+            **({"force_threshold": force_threshold} if force_threshold is not None else {}),
+        )  # fmt: skip
+        alls = ", ".join(
+            f"l={r['order']}: {100 * r['force_change_rel']:.3g} %" for r in result["rows"] if r["block"] == "all"
+        )
+        click.echo(
+            f"{result['model']} on {result['n_structures']} structures: force change when an order is zeroed after every block "
+            f"(of mean |F| {result['mean_force']:.3g} eV/Å): {alls}; unused orders {result['unused_orders']}"
+        )
+        return
+    given = [name for name, on in sevenn_only.items() if on]
+    if given:
+        raise IrrepscopeError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for SevenNet models (7net-0, ..., or a .pth checkpoint)")
+    batch_size = batch_size or 256
     if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2")):
         if molecules is None:
             raise IrrepscopeError(
@@ -378,7 +417,7 @@ def export(run_dir: str | None, out: str, limit: int | None, seed: int | None, t
         split = random_split(len(mols), (0.8, 0.1, 0.1), seed=seed, limit=limit)
         meta = {"seed": seed, "limit": limit}
     paths = export_split(mols, split, out, target, force=force, meta=meta)
-    click.echo(", ".join(f"{name}: {len(split[name])} molecules -> {path}" for name, path in paths.items()))
+    click.echo(", ".join(f"{name}: {len(split[name])} structures -> {path}" for name, path in paths.items()))
 
 
 @cli.command("sample-xtb")
@@ -409,6 +448,33 @@ def sample_xtb(
     )  # fmt: skip
     skipped = f"; skipped {len(result.skipped)} molecules (see {result.sidecar})" if result.skipped else ""
     click.echo(f"wrote {result.frames} frames of {len(result.molecules)} molecules to {result.path}{skipped}")
+
+
+@cli.command("sample-crystals")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--model", default="7net-0", show_default=True, help="The SevenNet potential that drives the MD (a pretrained name or .pth).")
+@click.option("--temperature", "temperatures", type=float, multiple=True, help="Langevin temperature (K), repeatable [default: 300 and 1000].")
+@click.option("--frames", type=int, default=2, callback=_count, show_default=True, help="Frames per crystal and temperature.")
+@click.option("--every", type=int, default=10, callback=_count, show_default=True, help="MD steps (1 fs) between frames.")
+@click.option("--equilibration", type=int, default=20, show_default=True, help="MD steps before the first frame.")
+@click.option("--crystal", "crystals", multiple=True, help="Only these crystals (repeatable; e.g. Si, NaCl) [default: all twelve].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes the rattle, the velocities and the Langevin noise.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sample_crystals(
+    out: str, model: str, temperatures: tuple[float, ...], frames: int, every: int, equilibration: int,
+    crystals: tuple[str, ...], seed: int, quiet: bool,
+) -> None:  # fmt: skip
+    """Sample rattled crystals (covalent, metallic, ionic; 32-64 atoms) by Langevin MD with a SevenNet potential into OUT.extxyz.gz.
+
+    Unlabelled frames with their class, crystal, temperature and seed; the same command writes the same bytes.
+    """
+    from irrepscope.data.crystals import sample_crystals as sample
+
+    path = sample(
+        out, model=model, temperatures=temperatures or (300.0, 1000.0), frames=frames, every=every,
+        equilibration=equilibration, seed=seed, crystals=list(crystals) or None, progress=not quiet,
+    )  # fmt: skip
+    click.echo(f"wrote {path} ({path}.json holds the parameters)")
 
 
 def main(argv: list[str] | None = None) -> None:

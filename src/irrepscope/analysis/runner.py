@@ -32,7 +32,8 @@ ABLATION_MOLECULES = 4000
 PROBE_MOLECULES = 2000  # the probe is fit on this many molecules of the training split
 
 
-def _bar(enabled: bool):
+def progress_bar(enabled: bool):
+    """A ``progress(iterable, total, desc)`` callable: a tqdm bar, or the iterable itself when disabled."""
     from tqdm.auto import tqdm
 
     def progress(it: Iterable, total: int, desc: str) -> Iterable:
@@ -132,7 +133,7 @@ def analyze_model(
         raise IrrepscopeError("the split to analyse is empty (check --max-molecules)")
     if embedding not in latent.EMBEDDINGS:
         raise IrrepscopeError(f"unknown embedding {embedding!r}; choose one of {latent.EMBEDDINGS}")
-    bar = _bar(progress)
+    bar = progress_bar(progress)
     timings: dict[str, float] = {}
     common = dict(target=target, orders=orders, batch_size=batch_size)
 

@@ -15,6 +15,7 @@ Well-known property names:
 
 * :data:`ENERGY` (``properties``, eV): the total energy of a structure file's frames;
 * :data:`FORCES` (``atom_properties``, [A, 3], eV/Å);
+* :data:`CLASS` (``properties``, strings): what kind of structure it is, for per-class views;
 * ``qm9_index``, ``smiles``, ``polarizability_tensor`` (per structure) and ``mulliken``
   (per atom, e) where the source is QM9.
 """
@@ -32,6 +33,7 @@ ENERGY = "energy"  # per-structure energy in eV: ASE's and NequIP's name
 FORCES = "forces"  # per-atom forces in eV/Å: ASE's and NequIP's name
 QM9_INDEX = "qm9_index"  # a structure's molecule in QM9 (-1: none)
 SMILES = "smiles"
+CLASS = "class"  # a structure's class for per-class summaries (e.g. "molecule", "ionic crystal"): a string
 MULLIKEN = "mulliken"
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from irrepscope.data.md import MDSettings, langevin_positions
 from irrepscope.data.structures import QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError, shorten
 
@@ -51,27 +52,8 @@ FORMAT_VERSION = 1
 DEFAULT_MOLECULES = 1000
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-# extxyz writes positions with "%16.8f"; labels are computed on exactly the positions the file holds.
-POSITION_DECIMALS = 8
 # Environment for worker processes, in force before they load OpenMP/BLAS (threads fight, and change bits).
 _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@dataclass(frozen=True)
-class MDSettings:
-    """What determines one molecule's trajectory and frames (sent to the workers)."""
-
-    frames: int
-    every: int
-    equilibration: int
-    temperature: float  # K
-    timestep_fs: float
-    friction_per_fs: float
-    seed: int
-
-    def md_step(self, frame: int) -> int:
-        """The MD step at which frame ``frame`` (0-based) is taken."""
-        return self.equilibration + frame * self.every
 
 
 @dataclass
@@ -478,32 +460,13 @@ def _one_line(text: str) -> str:
 
 
 def _trajectory_frames(q: int, z: np.ndarray, pos: np.ndarray, s: MDSettings, TBLite: type, on_frame) -> list:
-    from ase import Atoms, units
+    from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
 
     atoms = Atoms(numbers=z, positions=pos)
     atoms.calc = TBLite(method=METHOD, verbosity=0)
-    rng = np.random.default_rng([s.seed, q])
-    _thermalize(atoms, s.temperature, rng)
-    atoms.set_constraint(FixCom())  # ASE >= 3.28: rather than Langevin's deprecated fixcm=True
-    dyn = Langevin(
-        atoms,
-        timestep=s.timestep_fs * units.fs,
-        temperature_K=s.temperature,
-        friction=s.friction_per_fs / units.fs,
-        fixcm=False,
-        rng=rng,
-    )
-    frames, step = [], 0
-    for k in range(s.frames):
-        target = s.md_step(k)
-        if target > step:
-            dyn.run(target - step)
-            step = target
-        # The positions as extxyz writes them ("%16.8f"), parsed back: the file's geometry, exactly.
-        frame_pos = np.array([[float(f"{x:.{POSITION_DECIMALS}f}") for x in row] for row in atoms.positions])
+    frames = []
+    for k, step, frame_pos in langevin_positions(atoms, s, np.random.default_rng([s.seed, q])):
         if not np.isfinite(frame_pos).all():
             raise _NonFinite(f"non-finite positions at MD step {step}")
         frame = Atoms(numbers=z, positions=frame_pos)
@@ -525,36 +488,6 @@ def _label(atoms: Any, TBLite: type) -> tuple[float, np.ndarray]:
     work = atoms.copy()
     work.calc = TBLite(method=METHOD, verbosity=0)
     return float(work.get_potential_energy()), np.array(work.get_forces(), dtype=np.float64)
-
-
-def _thermalize(atoms: Any, temperature: float, rng: np.random.Generator) -> None:
-    """Maxwell-Boltzmann momenta at ``temperature``, then zero total momentum and angular momentum."""
-    from ase.md import velocitydistribution as vd
-
-    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29 (MaxwellBoltzmannDistribution is deprecated there)
-        vd.thermalize_momenta(atoms, temperature, rng=rng)
-    else:
-        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    vd.Stationary(atoms)
-    before = atoms.get_momenta()
-    with np.errstate(all="ignore"):
-        vd.ZeroRotation(atoms)
-    if not np.isfinite(atoms.get_momenta()).all():
-        # Exactly linear geometries (acetylene, QM9 4): a zero principal moment makes ASE divide by zero.
-        atoms.set_momenta(before)
-        _zero_rotation_pinv(atoms)
-
-
-def _zero_rotation_pinv(atoms: Any) -> None:
-    """Remove the angular momentum about the centre of mass, with a pseudo-inverse inertia tensor."""
-    masses = atoms.get_masses()
-    r = atoms.get_positions() - atoms.get_center_of_mass()
-    p = atoms.get_momenta()
-    angular = np.cross(r, p).sum(axis=0)
-    outer = (r * r).sum(axis=1)[:, None, None] * np.eye(3) - r[:, :, None] * r[:, None, :]
-    inertia = (masses[:, None, None] * outer).sum(axis=0)
-    omega = np.linalg.pinv(inertia, rcond=1e-8, hermitian=True) @ angular
-    atoms.set_momenta(p - masses[:, None] * np.cross(omega, r))
 
 
 def _to_extxyz(frames: list) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from ase.data import chemical_symbols
 
-from irrepscope.data.structures import ENERGY, FORCES, QM9_INDEX, Structures
+from irrepscope.data.structures import CLASS, ENERGY, FORCES, QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError, shorten
 
 
@@ -150,7 +150,8 @@ def read_extxyz(
     error. A frame's
     ``qm9_index`` (written by ``irrepscope export`` and ``irrepscope sample-xtb``) is kept,
     else -1; further numeric per-frame values that every frame carries (e.g.
-    ``temperature_K``) become properties of the same name. Periodic frames keep their cell.
+    ``temperature_K``) become properties of the same name, and so does a string ``class`` (per-class
+    summaries of a potential analysis; "" for a frame without one). Periodic frames keep their cell.
     """
     frames, owners = [], []
     for f, path in enumerate(paths):
@@ -170,6 +171,8 @@ def read_extxyz(
         except (TypeError, ValueError):
             raise IrrepscopeError(f"{where}: qm9_index is not an integer") from None
     properties[QM9_INDEX] = np.asarray(qm9, dtype=np.int64)
+    if any(isinstance(a.info.get(CLASS), str) for _, a in frames):  # e.g. "ionic crystal": per-class summaries
+        properties[CLASS] = np.array([str(a.info.get(CLASS, "")) for _, a in frames], dtype=object)  # "": not given
     for key in _shared_numeric_info([a for _, a in frames]):
         if key not in properties and key not in (energy_key,):
             properties[key] = np.array([float(a.info[key]) for _, a in frames])

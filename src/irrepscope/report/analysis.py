@@ -7,6 +7,7 @@ import html
 import io
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,9 +251,9 @@ regression of the target inside the 2-D map (5-fold CV); trustworthiness: sklear
     return written
 
 
-def usage_csv(rows: list[dict[str, Any]]) -> str:
+def usage_csv(rows: list[dict[str, Any]], fields: list[str] = FIELDS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -306,14 +307,27 @@ def write_analysis(
     whole, never new verdicts beside old ones. The caller holds the lock of ``out``'s run
     (or of ``out``). ``started``: ``time.perf_counter()`` when the analysis began.
     """
+
+    def write(staged: Path) -> None:
+        atomic_write_text(staged / "usage.csv", usage_csv(result["rows"]))
+        write_analysis_report(staged, result, config_yaml, test_metrics, progress=progress)
+
+    return write_staged(out, result, write, started)
+
+
+def write_staged(out: Path, result: dict[str, Any], write: Callable[[Path], None], started: float | None = None) -> dict[str, Any]:
+    """``write(staged)`` the files of an analysis, then usage.json, into a staging sibling swapped onto ``out`` in one step.
+
+    Shared by every kind of analysis: a kill leaves the previous one whole; a folder holding
+    files an analysis does not write is refused. Returns usage.json's content.
+    """
     import time
 
     refuse_foreign_files(out)
     staged = staging_directory(out)
     try:
-        atomic_write_text(staged / "usage.csv", usage_csv(result["rows"]))
         t = time.perf_counter()
-        write_analysis_report(staged, result, config_yaml, test_metrics, progress=progress)
+        write(staged)
         result["timings_s"]["report"] = time.perf_counter() - t
         if started is not None:
             result["timings_s"]["total"] = time.perf_counter() - started

@@ -1,0 +1,164 @@
+"""A potential against itself: which orders carry a model's energies and forces, with no labels needed.
+
+A pretrained universal potential (SevenNet's) was fitted to labels of another level of
+theory than any data at hand, so its primary usage measures compare the model with
+itself (:mod:`~irrepscope.analysis.force_usage`): zero an order after one block or after
+every block, recompute energies and forces through the hooked model, and measure
+
+* ``energy_change_per_atom``: mean over structures of |ΔE| / atoms (eV/atom);
+* ``force_change``: mean |ΔF| per component (eV/Å), and ``force_change_rel``, that divided
+  by the model's own mean |F| on the same structures.
+
+Verdict (per row): ``used`` when zeroing the order changes the energy by at least
+``ENERGY_THRESHOLD`` per atom or the forces by at least ``FORCE_THRESHOLD`` of their mean
+size, else ``unused``; ``absent`` where the block puts the order out not at all. Where the
+structures carry forces, the force ΔMAE against them stands beside (``force_delta_mae``).
+
+Every measure is also given per class of structure (the structures' ``class`` property,
+e.g. ``molecule`` or ``ionic crystal``; without one: ``molecule`` or ``crystal`` by
+periodicity), since an order a molecule's forces need may not matter to a rattled salt.
+Works for any :class:`~irrepscope.analysis.interface.AnalysedModel` that computes forces.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from irrepscope.analysis.force_usage import ForcePass, ablation_cases, force_pass
+from irrepscope.analysis.interface import AnalysedModel
+from irrepscope.analysis.runner import check_orders, progress_bar
+from irrepscope.analysis.usage import check_count, check_threshold
+from irrepscope.data.structures import CLASS, Structures
+from irrepscope.errors import IrrepscopeError
+
+ENERGY_THRESHOLD = 1e-3  # eV/atom: well below the 10-30 meV/atom energy errors of universal potentials
+FORCE_THRESHOLD = 0.01  # of the model's mean |F|: the same 1 % as the label-based verdicts
+VERDICT_RULE = (
+    "used when zeroing the order changes the energy by at least energy_threshold eV/atom (mean |ΔE| per atom) "
+    "or the forces by at least force_threshold x the model's mean |F| (mean |ΔF| per component), else unused"
+)
+ROW_FIELDS = ["block", "order", "energy_change_per_atom", "force_change", "force_change_rel", "verdict", "force_delta_mae"]
+
+
+def structure_classes(structures: Structures, indices: np.ndarray) -> np.ndarray:
+    """The class of each of ``structures[indices]``: its ``class`` property where given, else ``molecule`` / ``crystal``."""
+    indices = np.asarray(indices, dtype=np.int64)
+    by_cell = np.where(structures.periodic[indices], "crystal", "molecule").astype(object)
+    if CLASS not in structures.properties:
+        return by_cell
+    given = np.asarray([str(c) for c in structures.properties[CLASS][indices]], dtype=object)
+    return np.where(given != "", given, by_cell)
+
+
+def self_verdict(energy_change: float, force_change_rel: float, energy_threshold: float, force_threshold: float) -> str:
+    """``used`` / ``unused`` by the label-free rule (:data:`VERDICT_RULE`); ``absent`` for a case that does not exist."""
+    if math.isnan(energy_change):
+        return "absent"
+    used = energy_change >= energy_threshold or (not math.isnan(force_change_rel) and force_change_rel >= force_threshold)
+    return "used" if used else "unused"
+
+
+def _rows(
+    forces: ForcePass, model: AnalysedModel, orders: list[int], sel: np.ndarray | None, thresholds: tuple[float, float]
+) -> list[dict[str, Any]]:
+    mean_force = forces.mean_force(sel)
+    rows = []
+    cases = [(b, l) for b in range(model.num_blocks) for l in orders] + [(None, l) for l in orders]
+    for block, l in cases:
+        energy = forces.energy_change(block, l, sel)
+        change = forces.force_change(block, l, sel)
+        rel = change / mean_force if mean_force > 0 else float("nan")
+        row = {
+            "block": "all" if block is None else block + 1,
+            "order": l,
+            "energy_change_per_atom": energy,
+            "force_change": change,
+            "force_change_rel": rel,
+            "verdict": self_verdict(energy, rel, *thresholds),
+        }
+        if sel is None and forces.labelled:
+            row["force_delta_mae"] = forces.delta(block, l)
+        rows.append(row)
+    return rows
+
+
+def analyze_potential(
+    model: AnalysedModel,
+    structures: Structures,
+    indices: np.ndarray | None = None,
+    *,
+    orders: list[int] | None = None,
+    batch_size: int = 8,
+    energy_threshold: float = ENERGY_THRESHOLD,
+    force_threshold: float = FORCE_THRESHOLD,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Which orders carry ``model``'s energies and forces on ``structures[indices]`` (all: None), measured against itself.
+
+    Returns what ``usage.json`` of a potential analysis holds: the rows (every block and
+    order, then ``all``), the same per structure class, the unused orders and the rules.
+    """
+    energy_threshold = check_threshold(energy_threshold, "energy_threshold")
+    force_threshold = check_threshold(force_threshold, "force_threshold")
+    if check_count(batch_size, "batch_size") is None:
+        raise IrrepscopeError("batch_size must be a positive integer, got None")
+    if not model.supports_forces:
+        raise IrrepscopeError(f"this {model.family} model does not compute forces: a potential analysis needs them")
+    indices = np.arange(len(structures)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise IrrepscopeError("no structures to analyse")
+    orders = check_orders(orders, model.orders)
+    t0 = time.perf_counter()
+    forces = force_pass(model, structures, indices, orders, batch_size, progress_bar(progress))
+    thresholds = (energy_threshold, force_threshold)
+    rows = _rows(forces, model, orders, None, thresholds)
+    classes = structure_classes(structures, indices)
+    per_class = []
+    for name in sorted(set(classes)):
+        sel = np.flatnonzero(classes == name)
+        per_class.append(
+            {
+                "class": name,
+                "structures": int(len(sel)),
+                "atoms": int(forces.atoms[sel].sum()),
+                "mean_force": forces.mean_force(sel),
+                "rows": [r for r in _rows(forces, model, orders, sel, thresholds) if r["block"] == "all"],
+            }
+        )
+    unused = sorted(r["order"] for r in rows if r["block"] == "all" and r["verdict"] == "unused" and r["order"] != 0)
+    result: dict[str, Any] = {
+        "kind": "potential",
+        "family": model.family,
+        "n_structures": int(len(indices)),
+        "n_atoms": forces.num_atoms,
+        "orders": list(model.orders),
+        "analysed_orders": orders,
+        "num_blocks": model.num_blocks,
+        "block_irreps": [str(i) for i in model.block_irreps],
+        "mean_force": forces.mean_force(),
+        "energy_threshold": energy_threshold,
+        "force_threshold": force_threshold,
+        "verdict_rule": VERDICT_RULE,
+        "unused_orders": unused,
+        "rows": rows,
+        "classes": per_class,
+        "cases": len(ablation_cases(model, orders)),
+    }
+    if forces.labelled:
+        result.update(
+            {
+                "force_mae": forces.force_mae,
+                "force_baseline_mae": forces.baseline_mae,
+                "force_rule": "force MAE per component against the structures' own forces (another level of theory than "
+                "a pretrained model's); force_delta_mae: with the order zeroed minus without",
+            }
+        )
+    result["timings_s"] = {"ablations": time.perf_counter() - t0}
+    return result
+
+
+__all__ = ["ENERGY_THRESHOLD", "FORCE_THRESHOLD", "analyze_potential", "self_verdict", "structure_classes"]
