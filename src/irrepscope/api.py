@@ -284,12 +284,12 @@ def analyze_sevenn(
     ``model``: a shipped pretrained name (``7net-0``, ``7net-0_22May2024``, ``7net-l3i5``,
     ``7net-mf-0`` with ``modal``) or a SevenNet checkpoint (``.pth``). ``structures``: one or
     more structure files (extxyz, with or without cells; forces under ``forces_key`` are used
-    where every frame has them) or shipped sets by name (``qm9_xtb``, ``crystals``), of which a
-    seeded subset of ``max_structures``. ``out`` defaults to ``runs/sevenn/MODEL/analysis``
+    where every frame has them) or shipped sets by name (``qm9_xtb``, ``crystals``); of each, a
+    seeded subset of at most ``max_structures``. ``out`` defaults to ``runs/sevenn/MODEL/analysis``
     (beside a checkpoint file: its ``analysis/``). Returns usage.json's content.
     """
     from irrepscope.analysis.sevenn_model import SevenNetModel
-    from irrepscope.data.sources import source_path
+    from irrepscope.data.sources import SHIPPED_SOURCES, source_path
     from irrepscope.data.xyz import read_extxyz
     from irrepscope.report.potential import write_potential_analysis
 
@@ -297,7 +297,12 @@ def analyze_sevenn(
     names = [structures] if isinstance(structures, (str, Path)) else list(structures)
     if not names:
         raise IrrepscopeError("no structures given: name a structure file or a shipped set (qm9_xtb, crystals)")
-    paths = [source_path(str(_path(n, "structures"))) for n in names]
+    paths = []
+    for name in names:
+        text = str(_path(name, "structures"))
+        if text not in SHIPPED_SOURCES and not Path(text).expanduser().is_file():
+            raise IrrepscopeError(f"structures {shorten(text)}: no such structure file (nor a shipped set: {', '.join(SHIPPED_SOURCES)})")
+        paths.append(source_path(text))
     check_count(max_structures, "max_structures")
     model_text = str(_path(model, "model"))
     out_dir = (
@@ -311,8 +316,9 @@ def analyze_sevenn(
 
         refuse_foreign_files(out_dir)  # before the work, not after it
         seven = SevenNetModel.load(model_text, modal=modal)
-        mols, _ = read_extxyz(paths, energy_key=None, forces_key=forces_key)
-        indices = np.sort(np.asarray(_subset(len(mols), max_structures, seed), dtype=np.int64))
+        mols, per_file = read_extxyz(paths, energy_key=None, forces_key=forces_key)
+        # at most max_structures of each source, so that a small set is not drowned by a large one
+        indices = np.concatenate([own[_subset(len(own), max_structures, seed)] for own in per_file]).astype(np.int64)
         with torch.inference_mode(False):
             result = potential.analyze_potential(
                 seven, mols, indices, orders=orders, batch_size=batch_size, energy_threshold=energy_threshold,

@@ -262,7 +262,8 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="For a NequIP or SevenNet model: where to write [default: analysis/ beside the model; runs/sevenn/NAME/analysis].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@click.option("--max-molecules", type=int, default=None, callback=_count, help="Analyse a seeded random subset of N molecules of the split.")
+@click.option("--max-molecules", type=int, default=None, callback=_count,
+              help="Analyse a seeded random subset of N molecules of the split (SevenNet: at most N of each --structures).")
 @click.option("--embedding", type=click.Choice(["phate", "umap", "pca"]), default="phate", show_default=True)
 @click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
 @click.option("--map-molecules", type=int, callback=_count, default=MAP_MOLECULES, show_default=True, help="Structures drawn in the latent maps (seeded subset).")

@@ -35,7 +35,7 @@ from irrepscope.analysis.usage import check_count, check_threshold
 from irrepscope.data.structures import CLASS, Structures
 from irrepscope.errors import IrrepscopeError
 
-ENERGY_THRESHOLD = 1e-3  # eV/atom: well below the 10-30 meV/atom energy errors of universal potentials
+ENERGY_THRESHOLD = 1e-3  # eV/atom: well below the energy errors of universal potentials (tens of meV/atom)
 FORCE_THRESHOLD = 0.01  # of the model's mean |F|: the same 1 % as the label-based verdicts
 VERDICT_RULE = (
     "used when zeroing the order changes the energy by at least energy_threshold eV/atom (mean |ΔE| per atom) "
