@@ -39,6 +39,7 @@ def test_our_models_analysis_is_unchanged_by_the_redesign(tmp_path):
     now = {k: v for k, v in now.items() if k in before}
     for row in now["rows"]:  # columns added with force fields: empty for structures without forces
         assert row.pop("force_delta_mae") is None and row.pop("force_verdict") == ""
+        assert [row.pop(k) for k in ("energy_change_per_atom", "force_change", "force_change_rel")] == [None] * 3
     _close(before, json.loads(json.dumps(now)))
 
 

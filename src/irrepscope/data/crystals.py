@@ -20,6 +20,7 @@ the same sevenn, torch, ASE and numpy).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -139,8 +140,9 @@ def sample_crystals(
     return out
 
 
+@functools.lru_cache(maxsize=2)
 def _calculator(model: str):
-    """SevenNet's own ASE calculator for ``model`` on the CPU (the MD driver)."""
+    """SevenNet's own ASE calculator for ``model`` on the CPU (the MD driver; loaded once per process)."""
     from irrepscope.analysis.sevenn_model import PRETRAINED, require_sevenn
 
     if model not in PRETRAINED and not model.endswith(".pth"):
