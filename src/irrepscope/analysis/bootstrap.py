@@ -1,0 +1,82 @@
+"""Confidence intervals of usage numbers by a paired bootstrap over the analysed structures.
+
+Every usage number of a run is a ratio of sums over the analysed structures: a ΔMAE is
+``sum(|ablated error| - |error|) / n``, a relative ΔMAE divides by ``sum(|error|)``, a force
+ΔMAE divides by the number of force components. Resampling the structures with
+replacement, the same resample for the model and its ablation (paired: a structure's two
+errors stay together), and recomputing the ratio gives its sampling distribution; the
+percentile interval at ``level`` is reported. Seeded: the same seed gives the same
+resamples, hence the same intervals.
+
+A verdict that says how sure it is (:func:`interval_verdict`): ``unused`` when the whole
+interval lies below the threshold, ``used`` when it lies at or above it, ``uncertain``
+otherwise.
+
+Building block of the issue "Usage verdicts with uncertainty"; the analysis does not call
+it yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from irrepscope.errors import IrrepscopeError
+
+LEVEL = 0.95
+RESAMPLES = 1000
+
+
+def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """[resamples, n] how often each of ``n`` structures is drawn in each bootstrap resample (each row sums to n)."""
+    if n < 1:
+        raise IrrepscopeError("a bootstrap needs at least one structure")
+    if resamples < 1:
+        raise IrrepscopeError(f"resamples must be a positive integer, got {resamples}")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def ratio_samples(numerator: np.ndarray, denominator: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per resample, ``sum(numerator) / sum(denominator)`` over the resampled structures ([R])."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if numerator.shape != denominator.shape or counts.shape[1:] != numerator.shape:
+        raise IrrepscopeError(f"shapes differ: numerator {numerator.shape}, denominator {denominator.shape}, counts {counts.shape}")
+    den = counts @ denominator
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den != 0, (counts @ numerator) / den, np.nan)
+
+
+def interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``samples`` at ``level`` (e.g. 0.95: the 2.5th and 97.5th percentiles)."""
+    if not 0 < level < 1:
+        raise IrrepscopeError(f"level must lie strictly between 0 and 1, got {level}")
+    finite = samples[np.isfinite(samples)]
+    if len(finite) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_delta_interval(
+    error: np.ndarray, ablated_error: np.ndarray, *, relative: bool = False, level: float = LEVEL,
+    resamples: int = RESAMPLES, seed: int = 0,
+) -> tuple[float, float]:  # fmt: skip
+    """Interval of ``mean(|ablated_error|) - mean(|error|)`` (relative: divided by ``mean(|error|)``), paired by structure."""
+    error, ablated_error = np.abs(np.asarray(error, dtype=np.float64)), np.abs(np.asarray(ablated_error, dtype=np.float64))
+    counts = resample_counts(len(error), resamples, seed)
+    denominator = error if relative else np.ones_like(error)
+    return interval(ratio_samples(ablated_error - error, denominator, counts), level)
+
+
+def interval_verdict(lo: float, hi: float, threshold: float) -> str:
+    """``unused`` when the interval lies below ``threshold``, ``used`` when at or above it, else ``uncertain``."""
+    if np.isnan(lo) or np.isnan(hi):
+        return "absent"
+    if hi < threshold:
+        return "unused"
+    if lo >= threshold:
+        return "used"
+    return "uncertain"
+
+
+__all__ = ["LEVEL", "RESAMPLES", "interval", "interval_verdict", "paired_delta_interval", "ratio_samples", "resample_counts"]
