@@ -391,7 +391,7 @@ def analyze(
 @click.option("--target", default=None, help="Without RUN_DIR: the property written as energy [default: U0_atomization].")
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
 def export(run_dir: str | None, out: str, limit: int | None, seed: int | None, target: str | None, force: bool) -> None:
-    """Write QM9 molecules as extxyz (train/val/test): a run's own split, or a seeded subset, for other codes."""
+    """Write structures as extxyz (train/val/test): a run's own split (with its forces, if any), or a seeded QM9 subset, for other codes."""
     from irrepscope.config import MAX_SEED, DataConfig
     from irrepscope.data.export import export_split
     from irrepscope.data.sources import load_run_structures, load_structures
