@@ -20,8 +20,9 @@ every block's output, so that zeroing an order after one block changes it by exa
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,35 @@ from irrepscope.data.structures import Structures
 from irrepscope.orders import order_slices
 
 NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def hooked_outputs(blocks: Sequence[torch.nn.Module], hook: NodeHook | None, key: str, copy: bool) -> Iterator[None]:
+    """While the context runs, ``hook(i, out[key])`` on block ``i``'s output mapping replaces its node features.
+
+    For families whose blocks return a mapping of named tensors (NequIP's dict, SevenNet's
+    data object): ``copy`` puts a changed entry into a copy of the mapping (one the caller
+    may still hold), else into the mapping itself. Without a hook nothing is registered.
+    """
+    handles = []
+    if hook is not None:
+        for i, block in enumerate(blocks):
+
+            def replace(module, inputs, out, i=i):
+                x = out[key]
+                y = hook(i, x)
+                if y is x:
+                    return None  # a forward hook returning None keeps the block's output
+                out = dict(out) if copy else out
+                out[key] = y
+                return out
+
+            handles.append(block.register_forward_hook(replace))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass

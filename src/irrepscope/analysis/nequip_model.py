@@ -43,7 +43,7 @@ import torch
 from ase.data import chemical_symbols
 from e3nn import o3
 
-from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook
+from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, hooked_outputs
 from irrepscope.data.structures import Structures, refuse_periodic
 from irrepscope.errors import IrrepscopeError
 
@@ -250,25 +250,6 @@ class NequIPModel(AnalysedModel):
             for m in self._force_modules:
                 m.do_derivatives = False
 
-    @contextlib.contextmanager
-    def _hooked(self, hook: NodeHook | None) -> Iterator[None]:
+    def _hooked(self, hook: NodeHook | None):
         """``hook(i, node_features)`` on every ``layer{i}_convnet``'s output while the block runs (none: no hooks)."""
-        handles = []
-        if hook is not None:
-            for i, (_, layer) in enumerate(self.layers):
-
-                def replace(module, inputs, out, i=i):
-                    x = out[NODE_FEATURES]
-                    y = hook(i, x)
-                    if y is x:
-                        return None
-                    new = dict(out)
-                    new[NODE_FEATURES] = y
-                    return new  # a forward hook's return value replaces the layer's output
-
-                handles.append(layer.register_forward_hook(replace))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return hooked_outputs([layer for _, layer in self.layers], hook, NODE_FEATURES, copy=True)

@@ -21,7 +21,6 @@ modal (its fidelity), refused without one; unknown elements are refused by name.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from e3nn import o3
 
-from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook
+from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, hooked_outputs
 from irrepscope.data.structures import Structures
 from irrepscope.errors import IrrepscopeError
 
@@ -198,26 +197,10 @@ class SevenNetModel(AnalysedModel):
             out = self._run(batch, hook, forces=True)
         return out[KEY.PRED_TOTAL_ENERGY].reshape(-1).detach(), out[KEY.PRED_FORCE].detach()
 
-    @contextlib.contextmanager
-    def _hooked(self, hook: NodeHook | None) -> Iterator[None]:
+    def _hooked(self, hook: NodeHook | None):
         """``hook(i, x)`` on the output node features of every gate while the model runs (none: no hooks)."""
-        handles = []
-        if hook is not None:
-            for i, (_, gate) in enumerate(self.gates):
-
-                def replace(module, inputs, out, i=i):
-                    x = out[NODE_FEATURES]
-                    y = hook(i, x)
-                    if y is not x:
-                        out[NODE_FEATURES] = y  # the data object is what the next module reads
-                    return out
-
-                handles.append(gate.register_forward_hook(replace))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        # in place: the data object is what the next module reads
+        return hooked_outputs([gate for _, gate in self.gates], hook, NODE_FEATURES, copy=False)
 
 
 def _atoms_of(mols: Structures, indices: np.ndarray) -> np.ndarray:
