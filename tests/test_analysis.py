@@ -57,9 +57,8 @@ def rows_of(model, mols, orders=None):
     ev = collect(OwnModel(model), mols, EVAL, gradients=True, orders=orders, **COMMON)
     probe = collect(OwnModel(model), mols, TRAIN, gradients=False, orders=orders, **COMMON)
     batch = collate(mols, EVAL, None, dtype=torch.float64)
-    base = usage.mae(ev.prediction, ev.target)
-    all_blocks = {l: usage.mae(rerun_ablation(model, batch, None, l).numpy(), ev.target) - base for l in ev.orders}
-    return ev, usage.usage_rows(ev, all_blocks, probe, all_blocks_mae=base)
+    all_blocks = {l: rerun_ablation(model, batch, None, l).numpy() for l in ev.orders}
+    return ev, usage.usage_rows(ev, all_blocks, probe)
 
 
 def test_order_split_matches_e3nn_slices(qm9):
@@ -219,13 +218,13 @@ def test_norm_shares_are_of_the_whole_block_whatever_orders_are_analysed(qm9):
 def test_probe_is_scored_on_held_out_molecules(qm9, monkeypatch, eval_indices, probe_molecules):
     """Issue 14: analysing the training split, the probe must not be scored on molecules it was fit on."""
     calls = []
-    real = usage.probe_r2
+    real = usage.probe_predictions
 
-    def spy(train_features, train_target, eval_features, eval_target):
+    def spy(train_features, train_target, eval_features):
         calls.append((train_features, eval_features))
-        return real(train_features, train_target, eval_features, eval_target)
+        return real(train_features, train_target, eval_features)
 
-    monkeypatch.setattr(usage, "probe_r2", spy)
+    monkeypatch.setattr(usage, "probe_predictions", spy)
     model = tiny(orders=(0, 1), mul=3)
     res = analyze_model(
         model, qm9, eval_indices, TRAIN, target="U0_atomization", embedding="pca", map_molecules=10,
@@ -262,16 +261,21 @@ def test_verdict_compares_like_with_like(qm9):
     again = analyze_model(model, qm9, ev_idx, TRAIN, threshold=threshold, **kw)
     row = next(r for r in again["rows"] if r["block"] == "all" and r["order"] == l)
     assert row["ablation_delta_mae_ev"] == pytest.approx(delta, rel=1e-12)
-    assert row["verdict"] == ("used" if sub_mae < full_mae else "unused")
+    # The verdict's ratio is to the subset's MAE (its interval is of that ratio), not the whole split's.
+    assert row["ablation_delta_rel"] == pytest.approx(delta / sub_mae, rel=1e-9)
+    assert row["ablation_delta_rel_lo"] <= row["ablation_delta_rel"] <= row["ablation_delta_rel_hi"]
     assert res["threshold_ev"] == pytest.approx(res["threshold"] * sub_mae, rel=1e-9)
     assert res["ablation_model_mae"] == pytest.approx(sub_mae, rel=1e-9)
 
 
 def test_verdict_threshold():
-    assert usage.verdict(0.0, 1.0) == "unused"
-    assert usage.verdict(0.009, 1.0) == "unused"
-    assert usage.verdict(-0.5, 1.0) == "unused"  # the model is better without it
-    assert usage.verdict(0.011, 1.0) == "used"
+    """Verdicts from the interval of ΔMAE / MAE against the 1 % threshold."""
+    assert usage.verdict(0.0, 0.0) == "unused"
+    assert usage.verdict(0.002, 0.009) == "unused"
+    assert usage.verdict(-0.5, -0.1) == "unused"  # the model is better without it
+    assert usage.verdict(0.011, 0.02) == "used"
+    assert usage.verdict(0.01, 0.01) == "used"  # at the threshold: used, like before
+    assert usage.verdict(0.005, 0.02) == "uncertain"
 
 
 def test_spatial_score():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from ase import Atoms
 from ase.io import write
 
@@ -194,6 +195,23 @@ def test_prune_does_not_act_on_a_partial_or_training_split_analysis(run, capsys)
         assert "test structures" in captured.out
     report = (run / "analysis" / "report.html").read_text()
     assert "Made from: the test split" in report and "orders analysed" in report and "threshold" in report
+
+
+def test_prune_keeps_an_uncertain_order_and_says_so(run, capsys):
+    """Issue 18: prune removes only orders that are unused for sure; one whose interval straddles the threshold stays."""
+    assert cli("analyze", str(run), *ANALYSE) == 0
+    usage = json.loads((run / "analysis" / "usage.json").read_text())
+    row = max((r for r in usage["rows"] if r["block"] == "all" and r["order"] != 0),
+              key=lambda r: r["ablation_delta_rel_hi"] - r["ablation_delta_rel_lo"])  # fmt: skip
+    lo, hi = row["ablation_delta_rel_lo"], row["ablation_delta_rel_hi"]
+    assert lo < hi
+    capsys.readouterr()
+    # a threshold inside the interval: neither used nor unused for sure
+    assert cli("prune", str(run), "--quiet", "--threshold", str(max((lo + hi) / 2, 0.0))) == 0
+    out = capsys.readouterr().out
+    uncertain = [int(v) for v in out.split("note: orders [")[1].split("]")[0].split(",")]
+    assert row["order"] in uncertain and "are uncertain" in out and "kept" in out, out
+    assert row["order"] in yaml.safe_load((run / "pruned.yaml").read_text())["model"]["orders"]
 
 
 # -- 5. bad values at every boundary ----------------------------------------------------------

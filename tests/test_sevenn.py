@@ -176,6 +176,11 @@ def test_potential_analysis_known_answers(potential_result, seven):
     atoms = np.array([len(a) for a in _frames()])
     assert rows[(2, 1)]["energy_change_per_atom"] == pytest.approx(np.mean(np.abs((e1 - e).double().numpy()) / atoms), rel=1e-3)
     assert rows[(2, 1)]["force_change"] == pytest.approx((f1 - f).abs().double().mean().item(), rel=1e-3)
+    # its interval: a bootstrap over the 3 structures, around the value (a resample may repeat one structure)
+    assert rows[(2, 1)]["force_change_lo"] <= rows[(2, 1)]["force_change"] <= rows[(2, 1)]["force_change_hi"]
+    assert rows[(2, 1)]["force_change_lo"] < rows[(2, 1)]["force_change_hi"]
+    # zeroing every scalar removes the whole force in every resample: an interval of zero width at 1
+    assert rows[("all", 0)]["force_change_rel_lo"] == pytest.approx(1.0, rel=1e-6) == rows[("all", 0)]["force_change_rel_hi"]
     assert result["mean_force"] == pytest.approx(f.abs().double().mean().item(), rel=1e-4)
     # classes: the given one, else by periodicity; per class, the same measures on its structures only
     classes = {c["class"]: c for c in result["classes"]}
@@ -193,10 +198,14 @@ def test_potential_analysis_known_answers(potential_result, seven):
 def test_potential_verdicts_follow_the_thresholds():
     from irrepscope.analysis.potential import self_verdict
 
-    assert self_verdict(0.002, 0.0, 1e-3, 0.01) == "used"  # energy alone
-    assert self_verdict(0.0, 0.02, 1e-3, 0.01) == "used"  # forces alone
-    assert self_verdict(0.0009, 0.009, 1e-3, 0.01) == "unused"
-    assert self_verdict(float("nan"), float("nan"), 1e-3, 0.01) == "absent"
+    nan = float("nan")
+    # (lo, hi) intervals of the energy change per atom and of the relative force change
+    assert self_verdict((0.002, 0.003), (0.0, 0.0), 1e-3, 0.01) == "used"  # energy alone
+    assert self_verdict((0.0, 0.0), (0.02, 0.05), 1e-3, 0.01) == "used"  # forces alone
+    assert self_verdict((0.0005, 0.0009), (0.002, 0.009), 1e-3, 0.01) == "unused"
+    assert self_verdict((0.0005, 0.0009), (0.005, 0.02), 1e-3, 0.01) == "uncertain"  # the force interval straddles
+    assert self_verdict((0.0005, 0.002), (nan, nan), 1e-3, 0.01) == "uncertain"  # no forces: the energy decides
+    assert self_verdict((nan, nan), (nan, nan), 1e-3, 0.01) == "absent"
 
 
 def test_potential_cli_with_labels_and_bad_input(tmp_path, capsys):

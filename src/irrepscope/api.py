@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from irrepscope.analysis import potential
+from irrepscope.analysis import bootstrap, potential
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import SPLITS, _subset, analyze_model
@@ -277,6 +277,8 @@ def analyze_sevenn(
     batch_size: int = 8,
     energy_threshold: float = potential.ENERGY_THRESHOLD,
     force_threshold: float = potential.FORCE_THRESHOLD,
+    resamples: int = bootstrap.RESAMPLES,
+    level: float = bootstrap.LEVEL,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Which orders carry a SevenNet model's energies and forces, measured against itself; writes ``out``.
@@ -322,7 +324,7 @@ def analyze_sevenn(
         with torch.inference_mode(False):
             result = potential.analyze_potential(
                 seven, mols, indices, orders=orders, batch_size=batch_size, energy_threshold=energy_threshold,
-                force_threshold=force_threshold, progress=progress,
+                force_threshold=force_threshold, progress=progress, resamples=resamples, level=level, seed=seed,
             )  # fmt: skip
         result = {"model": model_text, "modal": modal, "structures": ", ".join(map(str, names)), "seed": seed, **result}
         return write_potential_analysis(out_dir, result, started=t0)

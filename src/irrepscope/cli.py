@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES
+from irrepscope.analysis.bootstrap import LEVEL, RESAMPLES
 from irrepscope.analysis.usage import THRESHOLD
 from irrepscope.config import load_config
 from irrepscope.errors import IrrepscopeError
@@ -38,6 +39,19 @@ def _finite_fraction(ctx: click.Context, param: click.Parameter, value: float | 
     from irrepscope.analysis.usage import check_threshold
 
     return None if value is None else check_threshold(value, f"--{param.name}")
+
+
+def _level(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Click callback: a confidence level lies strictly between 0 and 1."""
+    if not 0 < value < 1:
+        raise IrrepscopeError(f"--{param.name} must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def _uncertain_note(result: dict) -> str:
+    """``; uncertain orders [..] (kept)`` where some order's interval straddles the threshold, else empty."""
+    uncertain = result.get("uncertain_orders") or []
+    return f"; uncertain orders {uncertain} (kept: their interval straddles the threshold)" if uncertain else ""
 
 
 def _count(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -210,8 +224,9 @@ def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None
     with lock_run(original.root, "irrepscope prune"):
         usage = p.current_usage(run_dir, progress=not quiet)
         rule = f"threshold {usage['threshold']:.3g} of the analysis"
+        uncertain = usage.get("uncertain_orders") or []
         if threshold is not None:
-            usage["unused_orders"], rule = p.unused_at(usage, threshold), f"threshold {threshold:.3g}"
+            (usage["unused_orders"], uncertain), rule = p.decide_at(usage, threshold), f"threshold {threshold:.3g}"
         elif least_used:
             usage["unused_orders"], rule = p.least_used(usage), "the least used order"
         config = p.pruned_config(run_dir, usage)
@@ -222,6 +237,11 @@ def prune(run_dir: str, do_train: bool, out: str | None, threshold: float | None
         f"orders {before} -> {config.model.orders} (unused: {usage['unused_orders']}; from the analysis of best.pt on "
         f"{usage['n_molecules']} test structures, {rule}); wrote {target}"
     )
+    if uncertain and not least_used:
+        click.echo(
+            f"note: orders {uncertain} are uncertain (the interval of their effect straddles the threshold on these "
+            "structures) and are kept; analyse more structures to decide them, or --least-used to prune one anyway"
+        )
     if not do_train:
         return
     if config.model.orders == before:
@@ -280,6 +300,9 @@ def _order_list(value: str | None) -> list[int] | None:
               help="For a SevenNet model: used when zeroing changes the energy by at least this (eV/atom) [default: 0.001].")
 @click.option("--force-threshold", type=float, default=None, callback=_finite_fraction,
               help="For a SevenNet model: ... or the forces by at least this fraction of their mean |F| [default: 0.01].")
+@click.option("--resamples", type=int, callback=_count, default=RESAMPLES, show_default=True,
+              help="Bootstrap resamples for the intervals of every usage number.")
+@click.option("--level", type=float, default=LEVEL, callback=_level, show_default=True, help="Confidence level of the intervals.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(
     run_dir: str,
@@ -303,6 +326,8 @@ def analyze(
     modal: str | None,
     energy_threshold: float | None,
     force_threshold: float | None,
+    resamples: int,
+    level: float,
     quiet: bool,
 ) -> None:
     """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html).
@@ -323,7 +348,7 @@ def analyze(
             raise IrrepscopeError("--molecules, --train-molecules and --energy-key are for NequIP models; SevenNet takes --structures")
         result = analyze_sevenn(
             run_dir, list(structures), out, modal=modal, forces_key=forces_key, max_structures=max_molecules, orders=_order_list(orders),
-            batch_size=batch_size or 8, progress=not quiet,
+            batch_size=batch_size or 8, progress=not quiet, resamples=resamples, level=level,
             **({"energy_threshold": energy_threshold} if energy_threshold is not None else {}),
             **({"force_threshold": force_threshold} if force_threshold is not None else {}),
         )  # fmt: skip
@@ -333,6 +358,7 @@ def analyze(
         click.echo(
             f"{result['model']} on {result['n_structures']} structures: force change when an order is zeroed after every block "
             f"(of mean |F| {result['mean_force']:.3g} eV/Å): {alls}; unused orders {result['unused_orders']}"
+            + _uncertain_note(result)
         )
         return
     given = [name for name, on in sevenn_only.items() if on]
@@ -349,11 +375,11 @@ def analyze(
             run_dir, molecules, split, max_molecules, out, train_molecules=train_molecules, energy_key=energy_key, forces_key=forces_key,
             embedding=embedding, orders=_order_list(orders),
             map_molecules=map_molecules, probe_molecules=probe_molecules, ablation_molecules=ablation_molecules,
-            threshold=threshold, batch_size=batch_size, progress=not quiet,
+            threshold=threshold, batch_size=batch_size, progress=not quiet, resamples=resamples, level=level,
         )  # fmt: skip
         click.echo(
             f"MAE {result['model_mae']:.4f} {result['unit']} (composition baseline {result['baseline_mae']:.4f}) on "
-            f"{result['n_molecules']} {result['split']} molecules; unused orders {result['unused_orders']}"
+            f"{result['n_molecules']} {result['split']} molecules; unused orders {result['unused_orders']}" + _uncertain_note(result)
         )
         return
     if molecules is not None or out is not None or train_molecules is not None or (energy_key, forces_key) != ("energy", "forces"):
@@ -374,11 +400,13 @@ def analyze(
         checkpoint=checkpoint,
         device=device,
         batch_size=batch_size,
+        resamples=resamples,
+        level=level,
         progress=not quiet,
     )
     click.echo(
         f"MAE {result['model_mae']:.4f} {result['unit']} on {result['n_molecules']} {split} molecules; "
-        f"unused orders {result['unused_orders']}; suggested orders {result['suggested_orders']}"
+        f"unused orders {result['unused_orders']}{_uncertain_note(result)}; suggested orders {result['suggested_orders']}"
     )
     click.echo(f"wrote {Path(run_dir) / 'analysis'} (usage.csv, usage.json, report.html)")
 

@@ -42,18 +42,23 @@ class SplitPass:
     heavy_atoms: np.ndarray  # [M]
     # Per block: order -> [M, H] rotation-invariant graph features (l=0 as is, l>0 per-copy norms)
     graph_invariants: list[dict[int, np.ndarray]]
-    node_sq: np.ndarray  # [B, n_orders] sum over atoms of the squared norm of each order block
-    graph_sq: np.ndarray  # [B, n_orders] sum over molecules of the squared norm of the pooled order block
-    # [B] the same sums over *all* of the model's orders, whatever ``orders`` holds: the
+    # Per molecule, so that any subset or bootstrap resample is summed without a re-run:
+    node_sq: np.ndarray  # [B, n_orders, M] sum over the molecule's atoms of the squared norm of each order block
+    graph_sq: np.ndarray  # [B, n_orders, M] squared norm of the molecule's pooled order block
+    # [B, M] the same over *all* of the model's orders, whatever ``orders`` holds: the
     # denominators of the norm shares, so that analysing a subset does not inflate them.
     node_sq_total: np.ndarray
     graph_sq_total: np.ndarray
-    num_atoms: int = 0
+    atoms: np.ndarray  # [M] atoms per molecule
     # With gradients only:
-    grad_x_input: np.ndarray | None = None  # [B, n_orders] sum over atoms of sum_u |<g_u, x_u>|
+    grad_x_input: np.ndarray | None = None  # [B, n_orders, M] sum over the molecule's atoms of sum_u |<g_u, x_u>|
     ablation_prediction: np.ndarray | None = None  # [B, n_orders, M] prediction with order zeroed at block b
     path_moment: list[np.ndarray] = field(default_factory=list)  # per block, what the family's path_weight_rms reads
     num_edges: int = 0
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.atoms.sum())
 
 
 def collect(
@@ -79,16 +84,12 @@ def collect(
     orders = list(orders if orders is not None else model.orders)
     nb, no = model.num_blocks, len(orders)
     slices = [order_slices(irreps) for irreps in model.block_irreps]
-    preds, heavy = [], []
+    preds, heavy, atoms = [], [], []
     inv = [{l: [] for l in orders} for _ in range(nb)]
-    node_sq = np.zeros((nb, no))
-    graph_sq = np.zeros((nb, no))
-    node_sq_total = np.zeros(nb)
-    graph_sq_total = np.zeros(nb)
-    gxi = np.zeros((nb, no))
+    sums: dict[str, list[np.ndarray]] = {"node_sq": [], "graph_sq": [], "node_sq_total": [], "graph_sq_total": [], "gxi": []}
     abl: list[np.ndarray] = []
     moments: list[np.ndarray] | None = None
-    num_atoms = num_edges = 0
+    num_edges = 0
     total = (len(indices) + batch_size - 1) // batch_size
     flags = [p.requires_grad for p in model.parameters]
     for p in model.parameters:
@@ -114,7 +115,14 @@ def collect(
                 )
             pred = pred.detach()
             g_count = batch.num_graphs
+            graph_of = batch.atom_graph
+
+            def atom_sum(per_atom: torch.Tensor) -> torch.Tensor:  # [N] -> [G] float64 sums
+                return torch.zeros(g_count, dtype=torch.float64, device=per_atom.device).index_add(0, graph_of, per_atom.double())
+
             abl_batch = np.zeros((nb, no, *pred.shape))
+            b_sums = {k: torch.zeros(nb, no, g_count, dtype=torch.float64) for k in ("node_sq", "graph_sq", "gxi")}
+            b_totals = {k: torch.zeros(nb, g_count, dtype=torch.float64) for k in ("node_sq_total", "graph_sq_total")}
             for b, (xb, gb) in enumerate(zip(xs, grads)):
                 xb = xb.detach()
                 irreps = model.block_irreps[b]
@@ -122,21 +130,21 @@ def collect(
                 x_by = split_by_order(xb, irreps)
                 p_by = split_by_order(pooled, irreps)
                 g_by = [split_by_order(g, irreps) for g in gb] if gb is not None else None
-                node_sq_total[b] += float((xb.double() ** 2).sum())
-                graph_sq_total[b] += float((pooled.double() ** 2).sum())
+                b_totals["node_sq_total"][b] = atom_sum((xb.double() ** 2).sum(1)).cpu()
+                b_totals["graph_sq_total"][b] = (pooled.double() ** 2).sum(1).cpu()
                 for j, l in enumerate(orders):
                     if l not in slices[b]:  # this block does not carry order l (e.g. a scalars-only last layer)
                         abl_batch[b, j] = pred.double().cpu().numpy()
                         continue
-                    node_sq[b, j] += float((x_by[l].double() ** 2).sum())
-                    graph_sq[b, j] += float((p_by[l].double() ** 2).sum())
+                    b_sums["node_sq"][b, j] = atom_sum((x_by[l].double() ** 2).sum((1, 2))).cpu()
+                    b_sums["graph_sq"][b, j] = (p_by[l].double() ** 2).sum((1, 2)).cpu()
                     feats = p_by[l][..., 0] if l == 0 else invariant_norms(p_by[l])
                     inv[b][l].append(feats.double().cpu().numpy())
                     if g_by is not None:
                         # [N, H] per output component: <g_u, x_u> per copy
                         dots = [(g[l] * x_by[l]).sum(-1).double() for g in g_by]
                         # |<g, x>| per atom and copy; for a vector output the length over components (invariant)
-                        gxi[b, j] += float(torch.linalg.vector_norm(torch.stack(dots), dim=0).sum())
+                        b_sums["gxi"][b, j] = atom_sum(torch.linalg.vector_norm(torch.stack(dots), dim=0).sum(1)).cpu()
                         if model.linear_in_features:
                             per_mol = torch.stack(
                                 [torch.zeros(g_count, dtype=d.dtype, device=d.device).index_add(0, batch.atom_graph, d.sum(-1))
@@ -157,11 +165,15 @@ def collect(
                 .index_add(0, batch.atom_graph.cpu(), (batch.atomic_numbers.cpu() > 1).long())
                 .numpy()
             )
-            num_atoms += int(batch.atomic_numbers.numel())
+            atoms.append(torch.bincount(batch.atom_graph.cpu(), minlength=g_count).numpy())
+            for k, v in {**b_sums, **b_totals}.items():
+                sums[k].append(v.numpy())
     finally:
         for p, flag in zip(model.parameters, flags):
             p.requires_grad_(flag)
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
+    empty = {"node_sq_total": (nb, 0), "graph_sq_total": (nb, 0)}  # the rest are [B, n_orders, M]
+    per_mol_sums = {k: np.concatenate(v, axis=-1) if v else np.zeros(empty.get(k, (nb, no, 0))) for k, v in sums.items()}
     indices = np.asarray(indices, dtype=np.int64)
     return SplitPass(
         indices=indices,
@@ -170,12 +182,12 @@ def collect(
         target=mols.properties[target][indices] if target is not None else None,
         heavy_atoms=cat(heavy),
         graph_invariants=[{l: (np.concatenate(v[l]) if v[l] else np.zeros((len(indices), 0))) for l in orders} for v in inv],
-        node_sq=node_sq,
-        graph_sq=graph_sq,
-        node_sq_total=node_sq_total,
-        graph_sq_total=graph_sq_total,
-        num_atoms=num_atoms,
-        grad_x_input=gxi if gradients else None,
+        node_sq=per_mol_sums["node_sq"],
+        graph_sq=per_mol_sums["graph_sq"],
+        node_sq_total=per_mol_sums["node_sq_total"],
+        graph_sq_total=per_mol_sums["graph_sq_total"],
+        atoms=cat(atoms).astype(np.int64),
+        grad_x_input=per_mol_sums["gxi"] if gradients else None,
         ablation_prediction=np.concatenate(abl, axis=2) if abl else None,
         path_moment=moments or [],
         num_edges=num_edges,

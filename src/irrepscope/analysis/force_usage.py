@@ -50,6 +50,18 @@ class ForcePass:
     label_abs: np.ndarray | None = None  # [M] sum of |F_label|: the zero-force baseline's error
     ablated_error_abs: dict[Case, np.ndarray] = field(default_factory=dict)  # [M] sum of |F(ablated) - F_label|
 
+    def subset(self, sel: np.ndarray) -> "ForcePass":
+        """The same pass restricted to the selected structures (a mask or positions), e.g. one class of them."""
+        s = np.asarray(sel)
+        pick = lambda v: None if v is None else v[s]  # noqa: E731
+        return ForcePass(
+            indices=self.indices[s], atoms=self.atoms[s], energy=self.energy[s], force_abs=self.force_abs[s],
+            energy_shift={c: v[s] for c, v in self.energy_shift.items()},
+            force_shift={c: v[s] for c, v in self.force_shift.items()},
+            error_abs=pick(self.error_abs), error_sq=pick(self.error_sq), label_abs=pick(self.label_abs),
+            ablated_error_abs={c: v[s] for c, v in self.ablated_error_abs.items()},
+        )  # fmt: skip
+
     @property
     def cases(self) -> list[Case]:
         return list(self.energy_shift)
@@ -83,10 +95,40 @@ class ForcePass:
     def ablated_mae(self) -> dict[Case, float]:
         return {case: float(v.sum()) / self._components(None) for case, v in self.ablated_error_abs.items()}
 
+    def terms(self, name: str, block: int | None, l: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Per structure (numerator, denominator) of measure ``name`` for a case, its value being sum(num) / sum(den)
+        (a mean over structures when den is None); None where the case (or, for a label measure, the labels) is absent.
+
+        The one definition of each measure: point values (:meth:`value`) and bootstrap intervals both sum these.
+        """
+        if (block, l) not in self.energy_shift or (name.startswith("force_delta") and not self.labelled):
+            return None
+        components = 3.0 * self.atoms
+        if name == "force_delta_mae":  # against labels: eV/Å per component
+            return self.ablated_error_abs[(block, l)] - self.error_abs, components
+        if name == "force_delta_rel":  # that over the model's force MAE
+            return self.ablated_error_abs[(block, l)] - self.error_abs, self.error_abs
+        if name == "energy_change_per_atom":  # mean over structures of |ΔE| / atoms
+            return np.abs(self.energy_shift[(block, l)]) / self.atoms, None
+        if name == "force_change":  # mean |ΔF| per component
+            return self.force_shift[(block, l)], components
+        if name == "force_change_rel":  # that over the model's own mean |F|
+            return self.force_shift[(block, l)], self.force_abs
+        raise KeyError(name)
+
+    def value(self, name: str, block: int | None, l: int, sel: np.ndarray | None = None) -> float:
+        """Measure ``name`` (:meth:`terms`) over the selected structures (a mask or positions; None: all); NaN where absent."""
+        terms = self.terms(name, block, l)
+        if terms is None:
+            return float("nan")
+        s = _sel(sel, len(self.atoms))
+        num, den = terms
+        total = float(den[s].sum()) if den is not None else float(len(num[s]))
+        return float(num[s].sum()) / total if total != 0 else float("nan")
+
     def delta(self, block: int | None, l: int) -> float:
         """Force MAE with order ``l`` zeroed after ``block`` (None: every block) minus the model's; NaN where absent."""
-        value = self.ablated_error_abs.get((block, l))
-        return float("nan") if value is None else (float(value.sum()) - float(self.error_abs.sum())) / self._components(None)
+        return self.value("force_delta_mae", block, l)
 
     # Against the model itself: no labels needed.
     def mean_force(self, sel: np.ndarray | None = None) -> float:
@@ -96,19 +138,11 @@ class ForcePass:
 
     def energy_change(self, block: int | None, l: int, sel: np.ndarray | None = None) -> float:
         """Mean over structures of |E(ablated) - E| per atom (eV/atom); NaN where the case is absent."""
-        shift = self.energy_shift.get((block, l))
-        if shift is None:
-            return float("nan")
-        s = _sel(sel, len(self.atoms))
-        return float(np.mean(np.abs(shift[s]) / self.atoms[s]))
+        return self.value("energy_change_per_atom", block, l, sel)
 
     def force_change(self, block: int | None, l: int, sel: np.ndarray | None = None) -> float:
         """Mean |F(ablated) - F| per component (eV/Å) over the selected structures' atoms; NaN where absent."""
-        shift = self.force_shift.get((block, l))
-        if shift is None:
-            return float("nan")
-        s = _sel(sel, len(self.atoms))
-        return float(shift[s].sum()) / self._components(s)
+        return self.value("force_change", block, l, sel)
 
 
 def _sel(sel: np.ndarray | None, n: int) -> np.ndarray:

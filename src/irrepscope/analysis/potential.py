@@ -9,9 +9,11 @@ every block, recompute energies and forces through the hooked model, and measure
 * ``force_change``: mean |ΔF| per component (eV/Å), and ``force_change_rel``, that divided
   by the model's own mean |F| on the same structures.
 
-Verdict (per row): ``used`` when zeroing the order changes the energy by at least
-``ENERGY_THRESHOLD`` per atom or the forces by at least ``FORCE_THRESHOLD`` of their mean
-size, else ``unused``; ``absent`` where the block puts the order out not at all. Where the
+Every measure has a 95 % bootstrap interval over the structures (``x_lo``, ``x_hi``;
+:mod:`~irrepscope.analysis.bootstrap`). Verdict (per row): ``used`` when the interval of
+the energy change lies at or above ``ENERGY_THRESHOLD`` per atom or that of the relative
+force change at or above ``FORCE_THRESHOLD``; ``unused`` when both lie wholly below;
+``uncertain`` otherwise; ``absent`` where the block puts the order out not at all. Where the
 structures carry forces, the force ΔMAE against them stands beside (``force_delta_mae``).
 
 Every measure is also given per class of structure (the structures' ``class`` property,
@@ -31,7 +33,8 @@ import numpy as np
 from irrepscope.analysis.force_usage import ForcePass, ablation_cases, force_pass
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.runner import check_orders, progress_bar
-from irrepscope.analysis.usage import check_count, check_threshold
+from irrepscope.analysis.bootstrap import LEVEL, RESAMPLES, Resampler, interval
+from irrepscope.analysis.usage import LABEL_FREE_MEASURES, check_count, check_threshold, force_columns, with_bounds
 from irrepscope.data.structures import CLASS, Structures
 from irrepscope.errors import IrrepscopeError
 
@@ -39,9 +42,10 @@ ENERGY_THRESHOLD = 1e-3  # eV/atom: well below the energy errors of universal po
 FORCE_THRESHOLD = 0.01  # of the model's mean |F|: the same 1 % as the label-based verdicts
 VERDICT_RULE = (
     "used when zeroing the order changes the energy by at least energy_threshold eV/atom (mean |ΔE| per atom) "
-    "or the forces by at least force_threshold x the model's mean |F| (mean |ΔF| per component), else unused"
+    "or the forces by at least force_threshold x the model's mean |F| (mean |ΔF| per component), for the whole "
+    "interval of either; unused when both intervals lie wholly below; otherwise uncertain"
 )
-ROW_FIELDS = ["block", "order", "energy_change_per_atom", "force_change", "force_change_rel", "verdict", "force_delta_mae"]
+ROW_FIELDS = ["block", "order", *with_bounds(LABEL_FREE_MEASURES), "verdict", *with_bounds(["force_delta_mae"])]
 
 
 def structure_classes(structures: Structures, indices: np.ndarray) -> np.ndarray:
@@ -54,34 +58,36 @@ def structure_classes(structures: Structures, indices: np.ndarray) -> np.ndarray
     return np.where(given != "", given, by_cell)
 
 
-def self_verdict(energy_change: float, force_change_rel: float, energy_threshold: float, force_threshold: float) -> str:
-    """``used`` / ``unused`` by the label-free rule (:data:`VERDICT_RULE`); ``absent`` for a case that does not exist."""
-    if math.isnan(energy_change):
+def self_verdict(
+    energy: tuple[float, float], force_rel: tuple[float, float], energy_threshold: float, force_threshold: float
+) -> str:
+    """The label-free rule (:data:`VERDICT_RULE`) on the (lo, hi) intervals of the energy change per atom and of the
+    relative force change; ``absent`` for a case that does not exist. A point value is an interval of zero width."""
+    if math.isnan(energy[0]):
         return "absent"
-    used = energy_change >= energy_threshold or (not math.isnan(force_change_rel) and force_change_rel >= force_threshold)
-    return "used" if used else "unused"
+    force_known = not math.isnan(force_rel[0])
+    if energy[0] >= energy_threshold or (force_known and force_rel[0] >= force_threshold):
+        return "used"
+    if energy[1] < energy_threshold and (not force_known or force_rel[1] < force_threshold):
+        return "unused"
+    return "uncertain"
 
 
 def _rows(
-    forces: ForcePass, model: AnalysedModel, orders: list[int], sel: np.ndarray | None, thresholds: tuple[float, float]
+    forces: ForcePass, model: AnalysedModel, orders: list[int], thresholds: tuple[float, float], boot: Resampler
 ) -> list[dict[str, Any]]:
-    mean_force = forces.mean_force(sel)
     rows = []
     cases = [(b, l) for b in range(model.num_blocks) for l in orders] + [(None, l) for l in orders]
     for block, l in cases:
-        energy = forces.energy_change(block, l, sel)
-        change = forces.force_change(block, l, sel)
-        rel = change / mean_force if mean_force > 0 else float("nan")
-        row = {
-            "block": "all" if block is None else block + 1,
-            "order": l,
-            "energy_change_per_atom": energy,
-            "force_change": change,
-            "force_change_rel": rel,
-            "verdict": self_verdict(energy, rel, *thresholds),
-        }
-        if sel is None and forces.labelled:
-            row["force_delta_mae"] = forces.delta(block, l)
+        cols = force_columns(forces, block, l, FORCE_THRESHOLD, boot)
+        row = {"block": "all" if block is None else block + 1, "order": l}
+        row.update({k: cols[k] for k in with_bounds(LABEL_FREE_MEASURES)})
+        row["verdict"] = self_verdict(
+            (cols["energy_change_per_atom_lo"], cols["energy_change_per_atom_hi"]),
+            (cols["force_change_rel_lo"], cols["force_change_rel_hi"]), *thresholds,
+        )  # fmt: skip
+        if forces.labelled:
+            row.update({k: cols[k] for k in with_bounds(["force_delta_mae"])})
         rows.append(row)
     return rows
 
@@ -96,16 +102,24 @@ def analyze_potential(
     energy_threshold: float = ENERGY_THRESHOLD,
     force_threshold: float = FORCE_THRESHOLD,
     progress: bool = True,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Which orders carry ``model``'s energies and forces on ``structures[indices]`` (all: None), measured against itself.
+
+    Intervals: ``level`` percentile intervals of a bootstrap over the structures
+    (``resamples`` resamples, seeded), within each class for the per-class rows.
 
     Returns what ``usage.json`` of a potential analysis holds: the rows (every block and
     order, then ``all``), the same per structure class, the unused orders and the rules.
     """
     energy_threshold = check_threshold(energy_threshold, "energy_threshold")
     force_threshold = check_threshold(force_threshold, "force_threshold")
-    if check_count(batch_size, "batch_size") is None:
-        raise IrrepscopeError("batch_size must be a positive integer, got None")
+    for name, value in (("batch_size", batch_size), ("resamples", resamples)):
+        if check_count(value, name) is None:
+            raise IrrepscopeError(f"{name} must be a positive integer, got None")
+    interval(np.zeros(1), level)  # a level outside (0, 1) is an error before any work
     if not model.supports_forces:
         raise IrrepscopeError(f"this {model.family} model does not compute forces: a potential analysis needs them")
     indices = np.arange(len(structures)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -115,21 +129,27 @@ def analyze_potential(
     t0 = time.perf_counter()
     forces = force_pass(model, structures, indices, orders, batch_size, progress_bar(progress))
     thresholds = (energy_threshold, force_threshold)
-    rows = _rows(forces, model, orders, None, thresholds)
+    rows = _rows(forces, model, orders, thresholds, Resampler(len(indices), resamples, seed, level))
     classes = structure_classes(structures, indices)
     per_class = []
-    for name in sorted(set(classes)):
+    for k, name in enumerate(sorted(set(classes))):
         sel = np.flatnonzero(classes == name)
+        part = forces.subset(sel)
+        boot = Resampler(len(sel), resamples, seed + 1 + k, level)
         per_class.append(
             {
                 "class": name,
                 "structures": int(len(sel)),
-                "atoms": int(forces.atoms[sel].sum()),
-                "mean_force": forces.mean_force(sel),
-                "rows": [r for r in _rows(forces, model, orders, sel, thresholds) if r["block"] == "all"],
+                "atoms": part.num_atoms,
+                "mean_force": part.mean_force(),
+                "rows": [
+                    {k: v for k, v in r.items() if not k.startswith("force_delta")}
+                    for r in _rows(part, model, orders, thresholds, boot) if r["block"] == "all"
+                ],
             }
-        )
+        )  # fmt: skip
     unused = sorted(r["order"] for r in rows if r["block"] == "all" and r["verdict"] == "unused" and r["order"] != 0)
+    uncertain = sorted(r["order"] for r in rows if r["block"] == "all" and r["verdict"] == "uncertain" and r["order"] != 0)
     result: dict[str, Any] = {
         "kind": "potential",
         "family": model.family,
@@ -144,6 +164,12 @@ def analyze_potential(
         "force_threshold": force_threshold,
         "verdict_rule": VERDICT_RULE,
         "unused_orders": unused,
+        "uncertain_orders": uncertain,
+        "interval_level": level,
+        "interval_resamples": resamples,
+        "interval_seed": seed,
+        "interval_rule": f"{level:.0%} percentile intervals (x_lo, x_hi) of a bootstrap over the analysed structures "
+        f"({resamples} resamples, seeded; per class within the class): the model and its ablations on the same resample",
         "rows": rows,
         "classes": per_class,
         "cases": len(ablation_cases(model, orders)),

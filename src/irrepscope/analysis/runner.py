@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from irrepscope.analysis import complexity, latent, usage
+from irrepscope.analysis import bootstrap, complexity, latent, usage
+from irrepscope.analysis.bootstrap import Resampler
 from irrepscope.analysis.features import SplitPass, collect
 from irrepscope.analysis.force_usage import ForcePass, force_pass
 from irrepscope.analysis.interface import AnalysedModel
 from irrepscope.analysis.own_model import as_analysed
-from irrepscope.data.composition import FORCE_UNIT, baseline_errors, baseline_name, baseline_rule, unit_of
+from irrepscope.data.composition import FORCE_UNIT, baseline_errors, baseline_name, baseline_residuals, baseline_rule, unit_of
 from irrepscope.data.structures import FORCES, SMILES, Structures
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import EquivariantGraphConv
@@ -111,6 +112,8 @@ def analyze_model(
     threshold: float = usage.THRESHOLD,
     progress: bool = True,
     analyse_forces: bool | None = None,
+    resamples: int = bootstrap.RESAMPLES,
+    level: float = bootstrap.LEVEL,
 ) -> dict[str, Any]:
     """Every analysis stage on ``mols[eval_indices]``; returns the usage.json content plus map arrays (key ``_maps``).
 
@@ -120,13 +123,18 @@ def analyze_model(
     subset (``ablation_model_mae``), the molecules their deltas were measured on.
     ``analyse_forces`` (default: when the structures carry forces and the model computes
     them) adds the force ablations on that same subset (:mod:`~irrepscope.analysis.force_usage`).
+    Every usage number and the MAEs carry a ``level`` bootstrap interval over the analysed
+    molecules (``resamples`` resamples, seeded by ``seed``); verdicts say ``uncertain`` where
+    the interval straddles the threshold.
     """
     threshold = usage.check_threshold(threshold)
     for name, value in (("map_molecules", map_molecules), ("probe_molecules", probe_molecules),
                         ("ablation_molecules", ablation_molecules)):  # fmt: skip
         usage.check_count(value, name)
-    if usage.check_count(batch_size, "batch_size") is None:
-        raise IrrepscopeError("batch_size must be a positive integer, got None")
+    for name, value in (("batch_size", batch_size), ("resamples", resamples)):
+        if usage.check_count(value, name) is None:
+            raise IrrepscopeError(f"{name} must be a positive integer, got None")
+    bootstrap.interval(np.zeros(1), level)  # a level outside (0, 1) is an error before any work
     model = as_analysed(model, graph, cutoff)
     orders = check_orders(orders, model.orders)
     if len(eval_indices) == 0:
@@ -151,7 +159,7 @@ def analyze_model(
             ablated[l].append(p.double().cpu().numpy())
     # The deltas are measured on this subset, so the verdict compares them with the MAE on it.
     ablation_mae = usage.mae(ev.prediction[abl_pos], ev.target[abl_pos])
-    all_blocks = {l: usage.mae(np.concatenate(ablated[l]), ev.target[abl_pos]) - ablation_mae for l in orders}
+    all_blocks = {l: np.concatenate(ablated[l]) for l in orders}
     timings["all_blocks_ablation"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -177,9 +185,27 @@ def analyze_model(
         timings["force_ablations"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rows = usage.usage_rows(ev, all_blocks, probe, threshold=threshold, all_blocks_mae=ablation_mae, forces=forces)
+    rows = usage.usage_rows(
+        ev, all_blocks, probe, threshold=threshold, all_blocks_positions=abl_pos, forces=forces,
+        resamples=resamples, level=level, seed=seed,
+    )  # fmt: skip
     paths = model.path_weight_rms(ev.path_moment, ev.num_edges)
     timings["probe_usage"] += time.perf_counter() - t
+    t = time.perf_counter()
+    err = usage.errors(ev.prediction, ev.target)
+    base_err = np.abs(baseline_residuals(mols, train_indices, eval_indices, target))
+    boot = Resampler(len(err), resamples, seed, level)  # the molecules' resamples of usage_rows: paired with them
+    intervals = {
+        "model_mae": boot.ratio(err),
+        "baseline_mae": boot.ratio(base_err),
+        "mae_ratio_to_baseline": boot.ratio(err, base_err),
+        "ablation_model_mae": Resampler(len(abl_pos), resamples, seed + 1, level).ratio(err[abl_pos]),
+    }
+    if forces is not None:
+        fboot = Resampler(len(forces.indices), resamples, seed + 3, level)
+        intervals["force_mae"] = fboot.ratio(forces.error_abs, 3.0 * forces.atoms)
+        intervals["force_baseline_mae"] = fboot.ratio(forces.label_abs, 3.0 * forces.atoms)
+    timings["intervals"] = time.perf_counter() - t
 
     t = time.perf_counter()
     map_pos = _subset(len(eval_indices), map_molecules, seed)
@@ -198,6 +224,7 @@ def analyze_model(
     baseline_mae = baseline["baseline_mae_ev"]
     ratio = model_mae / baseline_mae if baseline_mae > 0 else math.nan
     unused, suggested = usage.decide_orders(model.orders, rows)
+    uncertain = usage.uncertain_orders(rows)
     return {
         "target": target,
         "unit": unit_of(target),
@@ -214,11 +241,20 @@ def analyze_model(
         "orders": list(model.orders),
         "analysed_orders": orders,
         "unused_orders": unused,
+        "uncertain_orders": uncertain,
         "suggested_orders": suggested,
         "threshold": threshold,
         "threshold_ev": threshold * ablation_mae,
         "threshold_rule": "unused if zeroing the order after every block raises the MAE by less than threshold x the "
-        "model's MAE, both on the same ablation_molecules molecules (ablation_model_mae; threshold_ev = threshold x it)",
+        "model's MAE, both on the same ablation_molecules molecules (ablation_model_mae; threshold_ev = threshold x it), "
+        f"for the whole {level:.0%} interval of that ratio (ablation_delta_rel_lo/hi); used if the whole interval is "
+        "at or above it; otherwise uncertain (and not pruned)",
+        "interval_level": level,
+        "interval_resamples": resamples,
+        "interval_seed": seed,
+        "interval_rule": f"{level:.0%} percentile intervals (x_lo, x_hi) of a paired bootstrap over the analysed "
+        f"structures ({resamples} resamples, seeded): a model and its ablations on the same resampled structures",
+        "intervals": {k: list(v) for k, v in intervals.items()},
         "ablation_model_mae": ablation_mae,
         "embedding": embedding,
         "map_molecules": int(len(map_pos)),

@@ -16,17 +16,22 @@ Measures (one row per block and order, plus one ``block = "all"`` row per order)
   features at that block, fit on (a subset of) the training split and scored only on
   evaluated molecules it was not fit on (when the evaluated split is the training split,
   the molecules it was fit on are left out of the scoring: no leakage).
-* ``verdict``: ``unused`` when the ablation effect is below ``THRESHOLD`` x the model's
-  MAE *on the molecules the effect was measured on* (the whole evaluated split for the
-  per-block rows, the all-blocks ablation's subset for the ``all`` rows), else ``used``;
-  the ``all`` row's verdict decides the order's fate; ``absent`` where a block puts out no
-  such order (its measures are NaN).
+* ``ablation_delta_rel``: that ΔMAE over the model's MAE on the same molecules.
+* ``verdict``: from the bootstrap interval of ``ablation_delta_rel`` (below): ``unused``
+  when the whole interval lies below ``THRESHOLD``, ``used`` when it lies at or above it,
+  ``uncertain`` otherwise (the sample of molecules cannot tell); the MAE is the model's *on
+  the molecules the effect was measured on* (the whole evaluated split for the per-block
+  rows, the all-blocks ablation's subset for the ``all`` rows); the ``all`` row's verdict
+  decides the order's fate; ``absent`` where a block puts out no such order (NaN measures).
+
+Every measure ``x`` has a 95 % interval ``x_lo``, ``x_hi``: the percentile interval of a
+paired bootstrap over the molecules it was measured on (:mod:`~irrepscope.analysis.bootstrap`).
 
 With forces (structures that carry them, a model that computes them):
 ``force_delta_mae`` is the force MAE per component (eV/Å) with the order zeroed after
 that block (or every block) minus the model's force MAE, on the force ablation's
-structures, recomputed through the hooked model; ``force_verdict`` compares it with
-``THRESHOLD`` x the model's force MAE there. An order is unused (``decide_orders``) only
+structures, recomputed through the hooked model; ``force_delta_rel`` is that over the
+model's force MAE there, and ``force_verdict`` compares its interval with ``THRESHOLD``. An order is unused (``decide_orders``) only
 when it is unused for the energies and for the forces. Beside them, measures against the
 model itself that need no labels (the ones a pretrained potential is judged by):
 ``energy_change_per_atom``, the mean |ΔE| per atom (eV/atom), ``force_change``, the mean
@@ -43,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from irrepscope.analysis.bootstrap import LEVEL, RESAMPLES, Resampler, interval_verdict
 from irrepscope.analysis.features import SplitPass
 from irrepscope.analysis.force_usage import ForcePass
 from irrepscope.errors import IrrepscopeError
@@ -57,22 +63,26 @@ THRESHOLD = 0.01
 # that its usage verdicts describe a model that only counts atoms.
 LEARNED_RATIO = 0.5
 
+
+
+def with_bounds(names: list[str]) -> list[str]:
+    """Each measure followed by its interval's bounds: ``x, x_lo, x_hi``."""
+    return [f for n in names for f in (n, f"{n}_lo", f"{n}_hi")]
+
+
+ENERGY_MEASURES = ["norm_share_node", "norm_share_graph", "ablation_delta_mae_ev", "ablation_delta_rel", "grad_x_input", "probe_r2"]
+LABEL_FREE_MEASURES = ["energy_change_per_atom", "force_change", "force_change_rel"]
+FORCE_MEASURES = ["force_delta_mae", "force_delta_rel", *LABEL_FREE_MEASURES]
 FIELDS = [
     "block",
     "order",
-    "norm_share_node",
-    "norm_share_graph",
-    "ablation_delta_mae_ev",
-    "grad_x_input",
-    "probe_r2",
+    *with_bounds(ENERGY_MEASURES),
     "verdict",
-    "force_delta_mae",
+    *with_bounds(FORCE_MEASURES[:2]),
     "force_verdict",
-    "energy_change_per_atom",
-    "force_change",
-    "force_change_rel",
+    *with_bounds(LABEL_FREE_MEASURES),
 ]
-MEASURES = FIELDS[2:7]  # the numeric per-row measures of the energy
+MEASURES = with_bounds(ENERGY_MEASURES)  # the numeric per-row measures of the energy
 FORCE_FIELDS = FIELDS[FIELDS.index("force_delta_mae") :]  # filled where the forces were analysed
 
 
@@ -110,25 +120,34 @@ def mae(prediction: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(invariant(np.abs(np.asarray(prediction) - np.asarray(target)))))
 
 
-def verdict(delta_mae: float, model_mae: float, threshold: float = THRESHOLD) -> str:
-    """``used`` when zeroing raises the MAE by at least ``threshold`` x the model's MAE."""
-    return "used" if delta_mae >= threshold * model_mae else "unused"
+def verdict(lo: float, hi: float, threshold: float = THRESHOLD) -> str:
+    """From the interval of a relative ΔMAE (ΔMAE / MAE): ``unused`` when it lies wholly below ``threshold``,
+    ``used`` when wholly at or above it, else ``uncertain`` (a point estimate is an interval of zero width)."""
+    return interval_verdict(lo, hi, threshold)
+
+
+def probe_predictions(train_features: np.ndarray, train_target: np.ndarray, eval_features: np.ndarray) -> np.ndarray | None:
+    """A ridge probe's (standardised features, alpha 1e-3) predictions on ``eval_features``, fit on the training set.
+
+    None when either set has fewer than two molecules.
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(train_target) < 2 or len(eval_features) < 2:
+        return None
+    probe = make_pipeline(StandardScaler(), Ridge(alpha=1e-3))
+    probe.fit(train_features, train_target)
+    return probe.predict(eval_features)
 
 
 def probe_r2(
     train_features: np.ndarray, train_target: np.ndarray, eval_features: np.ndarray, eval_target: np.ndarray
 ) -> float:
-    """R^2 on the evaluation set of a ridge probe (standardised features, alpha 1e-3) fit on the training set."""
-    from sklearn.linear_model import Ridge
-    from sklearn.metrics import r2_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(train_target) < 2 or len(eval_target) < 2:
-        return float("nan")
-    probe = make_pipeline(StandardScaler(), Ridge(alpha=1e-3))
-    probe.fit(train_features, train_target)
-    return float(r2_score(eval_target, probe.predict(eval_features)))
+    """R^2 on the evaluation set of a ridge probe (:func:`probe_predictions`) fit on the training set."""
+    fitted = probe_predictions(train_features, train_target, eval_features)
+    return float("nan") if fitted is None else _r2(np.asarray(eval_target, dtype=np.float64), fitted)
 
 
 def held_out_positions(eval_indices: np.ndarray, fit_indices: np.ndarray) -> np.ndarray:
@@ -138,94 +157,114 @@ def held_out_positions(eval_indices: np.ndarray, fit_indices: np.ndarray) -> np.
 
 def usage_rows(
     eval_pass: SplitPass,
-    all_blocks: dict[int, float],
+    all_blocks: dict[int, np.ndarray],
     probe_pass: SplitPass | None,
     threshold: float = THRESHOLD,
     *,
-    all_blocks_mae: float,
+    all_blocks_positions: np.ndarray | None = None,
     forces: ForcePass | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The rows of usage.csv from an evaluated pass (with gradients), all-blocks deltas and a training pass.
+    """The rows of usage.csv from an evaluated pass (with gradients), all-blocks ablations and a training pass.
 
-    ``all_blocks`` maps order -> delta MAE when zeroed after every block, measured on a
-    subset of the evaluated molecules on which the model's MAE is ``all_blocks_mae``: the
-    ``all`` verdicts compare the delta with ``threshold`` x that MAE (like with like).
+    ``all_blocks`` maps order -> the predictions with the order zeroed after every block,
+    on the evaluated molecules at ``all_blocks_positions`` (None: all of them); the ``all``
+    verdicts compare the ΔMAE with ``threshold`` x the model's MAE on those same molecules.
     The probes are fit on ``probe_pass`` and scored on the evaluated molecules that are
-    not in it (NaN when fewer than two are left).
+    not in it (NaN when fewer than two are left). Every measure has a ``_lo`` / ``_hi``
+    bootstrap interval at ``level`` (:mod:`~irrepscope.analysis.bootstrap`; ``resamples``
+    resamples, seeded): one resampler per set of molecules (the evaluated ones, the
+    all-blocks subset, the probe's scored ones, the force structures), shared by every
+    number on that set, so that a model and its ablations are always compared on the same
+    resampled molecules. Verdicts come from the intervals of the relative ΔMAE (:func:`verdict`).
     """
     if eval_pass.target is None or eval_pass.ablation_prediction is None or eval_pass.grad_x_input is None:
         raise IrrepscopeError("usage needs a pass with targets and gradients")
-    base = mae(eval_pass.prediction, eval_pass.target)
+    err = errors(eval_pass.prediction, eval_pass.target)
+    boot = Resampler(len(err), resamples, seed, level)
     probing = probe_pass is not None and probe_pass.target is not None
     scored = held_out_positions(eval_pass.indices, probe_pass.indices) if probing else np.zeros(0, dtype=np.int64)
+    probe_boot = Resampler(len(scored), resamples, seed + 2, level) if len(scored) >= 2 else None
+    atoms = eval_pass.atoms.astype(np.float64)
+    fboot = Resampler(len(forces.indices), resamples, seed + 3, level) if forces is not None else None
     rows: list[dict[str, Any]] = []
     nb = eval_pass.node_sq.shape[0]
     for b in range(nb):
-        node_tot = eval_pass.node_sq_total[b]
-        graph_tot = eval_pass.graph_sq_total[b]
         for j, l in enumerate(eval_pass.orders):
+            row: dict[str, Any] = {"block": b + 1, "order": l}
             if eval_pass.graph_invariants[b][l].shape[1] == 0:
                 # This block puts out no order l (e.g. a NequIP last layer of scalars only).
-                rows.append(
-                    {"block": b + 1, "order": l, **{k: float("nan") for k in MEASURES}, "verdict": "absent",
-                     **_force_columns(forces, b, l, threshold)}
-                )  # fmt: skip
+                rows.append({**row, **{k: float("nan") for k in MEASURES}, "verdict": "absent",
+                             **force_columns(forces, b, l, threshold, fboot)})  # fmt: skip
                 continue
-            delta = mae(eval_pass.ablation_prediction[b, j], eval_pass.target) - base
-            r2 = float("nan")
+            measure(row, "norm_share_node", boot, eval_pass.node_sq[b, j], eval_pass.node_sq_total[b])
+            measure(row, "norm_share_graph", boot, eval_pass.graph_sq[b, j], eval_pass.graph_sq_total[b])
+            row.update(_ablation(err, errors(eval_pass.ablation_prediction[b, j], eval_pass.target), boot, threshold))
+            measure(row, "grad_x_input", boot, eval_pass.grad_x_input[b, j], atoms)
+            row.update({"probe_r2": float("nan"), "probe_r2_lo": float("nan"), "probe_r2_hi": float("nan")})
             if probing:
-                r2 = probe_r2(
-                    probe_pass.graph_invariants[b][l],
-                    invariant(probe_pass.target),
-                    eval_pass.graph_invariants[b][l][scored],
-                    invariant(eval_pass.target[scored]),
+                truth = invariant(eval_pass.target[scored])
+                fitted = probe_predictions(
+                    probe_pass.graph_invariants[b][l], invariant(probe_pass.target), eval_pass.graph_invariants[b][l][scored]
                 )
-            rows.append(
-                {
-                    "block": b + 1,
-                    "order": l,
-                    "norm_share_node": float(eval_pass.node_sq[b, j] / node_tot) if node_tot > 0 else float("nan"),
-                    "norm_share_graph": float(eval_pass.graph_sq[b, j] / graph_tot) if graph_tot > 0 else float("nan"),
-                    "ablation_delta_mae_ev": float(delta),
-                    "grad_x_input": float(eval_pass.grad_x_input[b, j] / max(eval_pass.num_atoms, 1)),
-                    "probe_r2": r2,
-                    "verdict": verdict(delta, base, threshold),
-                    **_force_columns(forces, b, l, threshold),
-                }
-            )
+                if fitted is not None:
+                    row["probe_r2"] = _r2(truth, fitted)
+                    row["probe_r2_lo"], row["probe_r2_hi"] = probe_boot.r2(truth, fitted)
+            rows.append({**row, **force_columns(forces, b, l, threshold, fboot)})
+    pos = np.arange(len(err)) if all_blocks_positions is None else np.asarray(all_blocks_positions)
+    sub_boot = boot if len(pos) == len(err) else Resampler(len(pos), resamples, seed + 1, level)
     for l in eval_pass.orders:
-        delta = float(all_blocks[l])
-        rows.append(
-            {
-                "block": "all",
-                "order": l,
-                "norm_share_node": float("nan"),
-                "norm_share_graph": float("nan"),
-                "ablation_delta_mae_ev": delta,
-                "grad_x_input": float("nan"),
-                "probe_r2": float("nan"),
-                "verdict": verdict(delta, all_blocks_mae, threshold),
-                **_force_columns(forces, None, l, threshold),
-            }
-        )
+        row = {"block": "all", "order": l, **{k: float("nan") for k in MEASURES}}
+        row.update(_ablation(err[pos], errors(all_blocks[l], eval_pass.target[pos]), sub_boot, threshold))
+        rows.append({**row, **force_columns(forces, None, l, threshold, fboot)})
     return rows
 
 
-def _force_columns(forces: ForcePass | None, block: int | None, l: int, threshold: float) -> dict[str, Any]:
-    """The force columns of a row: ΔMAE against the labels and the label-free changes (NaN without a force pass)."""
-    nan = float("nan")
+def errors(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per molecule |prediction - target| ([M]); for vectors and tensors the length of the error vector."""
+    return invariant(np.abs(np.asarray(prediction) - np.asarray(target)))
+
+
+def measure(row: dict[str, Any], name: str, boot: Resampler, numerator: np.ndarray, denominator: np.ndarray | None = None) -> None:
+    """``row[name]`` = sum(numerator) / sum(denominator) (a mean without one), with its bootstrap interval."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    den = float(np.sum(denominator)) if denominator is not None else float(len(numerator))
+    row[name] = float(numerator.sum() / den) if den != 0 else float("nan")
+    row[f"{name}_lo"], row[f"{name}_hi"] = boot.ratio(numerator, denominator)
+
+
+def _ablation(err: np.ndarray, ablated: np.ndarray, boot: Resampler, threshold: float) -> dict[str, Any]:
+    """ΔMAE (target unit) and ΔMAE / MAE of an ablation, paired per molecule, with intervals and the verdict."""
+    row: dict[str, Any] = {}
+    measure(row, "ablation_delta_mae_ev", boot, ablated - err)
+    measure(row, "ablation_delta_rel", boot, ablated - err, err)
+    row["verdict"] = verdict(row["ablation_delta_rel_lo"], row["ablation_delta_rel_hi"], threshold)
+    return row
+
+
+def _r2(truth: np.ndarray, prediction: np.ndarray) -> float:
+    ss_tot = float(np.sum((truth - truth.mean()) ** 2))
+    return 1.0 - float(np.sum((truth - prediction) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def force_columns(
+    forces: ForcePass | None, block: int | None, l: int, threshold: float, boot: Resampler | None
+) -> dict[str, Any]:
+    """The force columns of a row, with intervals from ``boot`` (a resampler of ``forces``' structures): ΔMAE
+    against the labels and the label-free changes (NaN without forces); ``force_verdict`` where labelled."""
+    row: dict[str, Any] = {f: float("nan") for f in with_bounds(FORCE_MEASURES)}
+    row["force_verdict"] = ""
     if forces is None:
-        return {"force_delta_mae": nan, "force_verdict": "", "energy_change_per_atom": nan, "force_change": nan,
-                "force_change_rel": nan}  # fmt: skip
-    delta = forces.delta(block, l)
-    change = forces.force_change(block, l)
-    return {
-        "force_delta_mae": delta,
-        "force_verdict": "absent" if np.isnan(delta) else verdict(delta, forces.force_mae, threshold),
-        "energy_change_per_atom": forces.energy_change(block, l),
-        "force_change": change,
-        "force_change_rel": change / forces.mean_force() if forces.mean_force() > 0 else nan,
-    }
+        return row
+    for name in FORCE_MEASURES:
+        terms = forces.terms(name, block, l)
+        if terms is not None:
+            measure(row, name, boot, *terms)
+    if forces.labelled:
+        row["force_verdict"] = verdict(row["force_delta_rel_lo"], row["force_delta_rel_hi"], threshold)
+    return row
 
 
 def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
@@ -239,3 +278,13 @@ def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[
     )  # fmt: skip
     suggested = [l for l in model_orders if l == 0 or l not in unused]
     return unused, suggested
+
+
+def uncertain_orders(rows: list[dict[str, Any]]) -> list[int]:
+    """Orders (never 0) whose ``all`` row is ``uncertain`` for the energies or the forces and used for neither:
+    the interval straddles the threshold, so they are kept, and a prune says so."""
+    return sorted(
+        r["order"] for r in rows
+        if r["block"] == "all" and r["order"] != 0 and "uncertain" in (r["verdict"], r.get("force_verdict", ""))
+        and "used" not in (r["verdict"], r.get("force_verdict", ""))
+    )  # fmt: skip

@@ -136,12 +136,16 @@ def baseline_errors(mols: Structures, train_indices: np.ndarray, indices: np.nda
     For a vector or tensor target the baseline is the zero vector: a function of the
     composition alone (or of any rotation-invariant description) cannot point anywhere.
     """
+    err = baseline_residuals(mols, train_indices, indices, target)
+    return {"baseline_mae_ev": float(np.mean(np.abs(err))), "baseline_rmse_ev": float(np.sqrt(np.mean(err**2)))}
+
+
+def baseline_residuals(mols: Structures, train_indices: np.ndarray, indices: np.ndarray, target: str) -> np.ndarray:
+    """Per molecule of ``mols[indices]``, the baseline's prediction minus the target (a vector target: the error's length)."""
     indices = np.asarray(indices, dtype=np.int64)
     if is_equivariant(target):
-        err = np.linalg.norm(mols.properties[target][indices], axis=1)  # the zero vector's error: the target's length
-    else:
-        err = fit_composition(mols, train_indices, target).predict(mols, indices) - mols.properties[target][indices]
-    return {"baseline_mae_ev": float(np.mean(np.abs(err))), "baseline_rmse_ev": float(np.sqrt(np.mean(err**2)))}
+        return np.linalg.norm(mols.properties[target][indices], axis=1)  # the zero vector's error: the target's length
+    return fit_composition(mols, train_indices, target).predict(mols, indices) - mols.properties[target][indices]
 
 
 FORCE_UNIT = "eV/Å"

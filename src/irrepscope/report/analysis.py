@@ -66,6 +66,39 @@ def usage_figure(result: dict[str, Any]) -> plt.Figure:
     return fig
 
 
+def verdict_figure(result: dict[str, Any]) -> plt.Figure | None:
+    """What the verdicts read: ΔMAE / MAE per order with its interval (error bars), per block and after every block,
+    for the energies and (where analysed) the forces, beside the threshold. None for an analysis without intervals."""
+    panels = [("ablation_delta_rel", "energy: ΔMAE / MAE")]
+    if _has_forces(result):
+        panels.append(("force_delta_rel", "forces: ΔMAE / MAE"))
+    rows = [r for r in result["rows"] if r.get(f"{panels[0][0]}_lo") is not None]
+    if not rows:
+        return None
+    orders, nb = result["analysed_orders"], result["num_blocks"]
+    groups = [*range(1, nb + 1), "all"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), constrained_layout=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        width = 0.8 / len(groups)
+        for k, g in enumerate(groups):
+            pts = [(orders.index(r["order"]), r[key], r[f"{key}_lo"], r[f"{key}_hi"]) for r in rows
+                   if r["block"] == g and r["order"] in orders and r.get(key) is not None and math.isfinite(r[key])]  # fmt: skip
+            if not pts:
+                continue
+            x, v, lo, hi = (np.asarray(c, dtype=float) for c in zip(*pts))
+            style = dict(color="k", marker="s", ms=5) if g == "all" else dict(marker="o", ms=3)
+            ax.errorbar(x + (k - (len(groups) - 1) / 2) * width, v, yerr=[v - lo, hi - v], ls="none", capsize=2,
+                        label="every block" if g == "all" else f"block {g}", **style)  # fmt: skip
+        ax.axhline(result["threshold"], color="r", lw=0.8, ls="--", label="threshold")
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_yscale("symlog", linthresh=result["threshold"] / 10 if result["threshold"] > 0 else 1e-3)
+        ax.set_xticks(range(len(orders)), [str(l) for l in orders])
+        ax.set_xlabel("order l zeroed")
+        ax.set_title(f"{title}, {result.get('interval_level', 0.95):.0%} intervals", fontsize=9)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return fig
+
+
 def paths_figure(result: dict[str, Any]) -> plt.Figure | None:
     """Per block, RMS of the per-edge path weights by (l_in, l_out), combined over l_edge (root mean square)."""
     paths = result["paths"]
@@ -121,8 +154,8 @@ def _fmt(v: Any) -> str:
 def summary_text(result: dict[str, Any]) -> str:
     """A few plain sentences: MAE, the all-blocks ablation per order, unused orders, suggested list."""
     unit = result.get("unit") or ""
-    alls = {r["order"]: r["ablation_delta_mae_ev"] for r in result["rows"] if r["block"] == "all"}
-    effects = ", ".join(f"l={l}: {_fmt(v)} {unit}" for l, v in alls.items())
+    alls = [r for r in result["rows"] if r["block"] == "all"]
+    effects = ", ".join(f"l={r['order']}: {_cell(r, 'ablation_delta_mae_ev')} {unit}" for r in alls)
     unused = result["unused_orders"]
     base, ratio = result.get("baseline_mae"), result.get("mae_ratio_to_baseline")
     name = result.get("baseline_name", "composition baseline")
@@ -148,18 +181,38 @@ def summary_text(result: dict[str, Any]) -> str:
         f"on the same {result['ablation_molecules']} molecules ({result['threshold_ev']:.3g} {unit}).",
     ]
     if _has_forces(result):
-        force_effects = ", ".join(f"l={r['order']}: {_fmt(r['force_delta_mae'])}" for r in result["rows"] if r["block"] == "all")
+        force_effects = ", ".join(f"l={r['order']}: {_cell(r, 'force_delta_mae')}" for r in alls)
         parts.append(
             f"Forces (on {result['force_structures']} structures, {result['force_atoms']} atoms): MAE "
             f"{result['force_mae']:.4g} eV/Å per component vs the zero-force baseline's {result['force_baseline_mae']:.4g}; "
             f"zeroing one order after every block changes it by: {force_effects} eV/Å (unused below "
             f"{result['threshold']:.0%} of the model's force MAE). An order is unused only if unused for both."
         )
+    uncertain = result.get("uncertain_orders") or []
+    if "interval_level" in result:
+        parts.append(
+            f"Each verdict reads the {result['interval_level']:.0%} interval of that change (a paired bootstrap over the molecules); "
+            + (f"for orders {uncertain} it straddles the threshold: these molecules cannot tell, so they are kept." if uncertain
+               else "none straddles the threshold.")
+        )  # fmt: skip
     if unused:
         parts.append(f"Unused orders: {unused}. Suggested pruned order list: {result['suggested_orders']} (order 0 is always kept).")
+    elif uncertain:
+        parts.append(f"No order is unused for sure; nothing to prune (orders {result['orders']}).")
     else:
         parts.append(f"Every analysed order is used; nothing to prune (orders {result['orders']}).")
     return " ".join(parts)
+
+
+def _interval_note(result: dict[str, Any]) -> str:
+    """How the intervals were made (empty for an analysis that predates them)."""
+    if "interval_level" not in result:
+        return "This analysis predates the intervals: its verdicts compare point estimates with the threshold."
+    return (
+        f"Intervals [lo, hi]: {result['interval_level']:.0%} percentile intervals of a paired bootstrap over the analysed "
+        f"structures ({result['interval_resamples']} resamples, seed {result['interval_seed']}): a model and its ablation "
+        "are compared on the same resampled structures."
+    )
 
 
 def _readout_note(result: dict[str, Any]) -> str:
@@ -170,9 +223,20 @@ def _readout_note(result: dict[str, Any]) -> str:
     return f"The readout reads only l = {l}, so zeroing any other order at the last block has no effect by construction."
 
 
+def _cell(r: dict[str, Any], f: str) -> str:
+    """A value, followed by its interval ``[lo, hi]`` where the row has one."""
+    text = _fmt(r.get(f))
+    lo, hi = r.get(f"{f}_lo"), r.get(f"{f}_hi")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        text += f" [{lo:.3g}, {hi:.3g}]"
+    return text
+
+
 def _table(rows: list[dict[str, Any]], fields: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(f)}</th>" for f in fields)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(f)))}</td>" for f in fields) + "</tr>" for r in rows)
+    """An HTML table; a field's ``_lo`` / ``_hi`` bounds are shown in its cell, not as columns of their own."""
+    shown = [f for f in fields if not (f.endswith(("_lo", "_hi")) and f[:-3] in fields)]
+    head = "".join(f"<th>{html.escape(f)}</th>" for f in shown)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, f))}</td>" for f in shown) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -182,6 +246,9 @@ def write_analysis_report(
     """Write the PNGs and report.html into ``out``; returns the paths written."""
     images: list[tuple[str, str, bytes]] = []  # (file name, caption, png)
     images.append(("usage.png", "Usage measures per block and order", figure_png(usage_figure(result), dpi=100)))
+    vfig = verdict_figure(result)
+    if vfig is not None:
+        images.append(("verdicts.png", "ΔMAE / MAE per order with its interval: what the verdicts read", figure_png(vfig, dpi=100)))
     pfig = paths_figure(result)
     if pfig is not None:
         images.append(("paths.png", "Tensor-product path weights", figure_png(pfig, dpi=100)))
@@ -202,8 +269,14 @@ def write_analysis_report(
         "baseline RMSE": result.get("baseline_rmse"),
         "MAE / baseline MAE": result.get("mae_ratio_to_baseline"),
     }
+    named = {"MAE": "model_mae", "baseline MAE": "baseline_mae", "MAE / baseline MAE": "mae_ratio_to_baseline"}
     if _has_forces(result):
         metrics.update({"force MAE (eV/Å)": result["force_mae"], "zero-force baseline MAE": result["force_baseline_mae"]})
+        named.update({"force MAE (eV/Å)": "force_mae", "zero-force baseline MAE": "force_baseline_mae"})
+    for label, key in named.items():  # the intervals, shown in the cells
+        bounds = result.get("intervals", {}).get(key)
+        if bounds is not None:
+            metrics[f"{label}_lo"], metrics[f"{label}_hi"] = bounds
     fields = FIELDS if _has_forces(result) else [f for f in FIELDS if f not in FORCE_FIELDS]
     test_metrics = {k: v for k, v in (test_metrics or {}).items() if k != "pins"}  # sha256s: for checks, not reading
     test_html = _table([test_metrics], list(test_metrics)) if test_metrics else "<p>No test.json in the run.</p>"
@@ -229,12 +302,15 @@ threshold {result['threshold']:.3g} (fraction of the model's MAE).</p>
 on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_input</b>: per atom, sum over copies of |&lt;dpred/dx, x&gt;|
 (rotation invariant). <b>norm_share</b>: share of the squared feature norm (atoms / pooled molecules). <b>probe_r2</b>: ridge probe
 of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
-<b>verdict</b>: unused when the ablation effect is below {result['threshold']:.0%} of the model's MAE on the molecules it was
-measured on (all-blocks rows: the {result['ablation_molecules']} ablation molecules).
+<b>ablation_delta_rel</b>: that over the model's MAE on the same molecules.
+<b>verdict</b>: unused when the whole interval of ablation_delta_rel lies below {result['threshold']:.0%} (the model's MAE on the
+molecules the effect was measured on; all-blocks rows: the {result['ablation_molecules']} ablation molecules), used when it lies
+at or above it, <b>uncertain</b> when it straddles it: these molecules cannot tell, and such an order is not pruned.
+{html.escape(_interval_note(result))}
 {'<b>force_delta_mae</b>: force MAE per component (eV/&Aring;) with the order zeroed, forces recomputed through the model, minus the model&#39;s, on the ablation structures; <b>force_verdict</b> likewise against the force MAE. Against the model itself (no labels needed): <b>energy_change_per_atom</b>, mean |&Delta;E| per atom (eV), <b>force_change</b>, mean |&Delta;F| per component (eV/&Aring;), and <b>force_change_rel</b>, that over the model&#39;s mean |F|.' if _has_forces(result) else ''}
 {_readout_note(result)}</p>
 {_table(result['rows'], fields)}
-{''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('usage.png', 'paths.png'))}
+{''.join(f'<figure>{png_img_tag(png, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>' for f, cap, png in images if f in ('verdicts.png', 'usage.png', 'paths.png'))}
 <h2>Latent space</h2>
 <p>{html.escape(result['embedding'].upper())} maps (knn 10) of the sum-pooled last-block graph embedding on {result['map_molecules']} molecules,
 from rotation-invariant inputs only: l = 0 as it is, l &gt; 0 the norm of each copy; columns standardised. kNN R^2: 10-nearest-neighbour

@@ -32,13 +32,21 @@ def potential_figure(result: dict[str, Any]) -> plt.Figure:
     ax = axes[2]
     width = 0.8 / max(len(classes), 1)
     for k, c in enumerate(classes):
-        values = [next((r["force_change_rel"] for r in c["rows"] if r["order"] == l), np.nan) for l in orders]
-        ax.bar(np.arange(len(orders)) + (k - (len(classes) - 1) / 2) * width, values, width, label=f"{c['class']} ({c['structures']})")
+        by_order = {r["order"]: r for r in c["rows"]}
+        get = lambda l, key: by_order[l].get(key) if l in by_order and by_order[l].get(key) is not None else np.nan  # noqa: E731
+        values = np.array([get(l, "force_change_rel") for l in orders], dtype=float)
+        err = None
+        if "interval_level" in result:  # error bars: the bootstrap interval within the class
+            lo = np.array([get(l, "force_change_rel_lo") for l in orders], dtype=float)
+            hi = np.array([get(l, "force_change_rel_hi") for l in orders], dtype=float)
+            err = [values - lo, hi - values]
+        ax.bar(np.arange(len(orders)) + (k - (len(classes) - 1) / 2) * width, values, width, yerr=err, capsize=2,
+               label=f"{c['class']} ({c['structures']})")  # fmt: skip
     ax.axhline(result["force_threshold"], color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(orders)), [str(l) for l in orders])
     ax.set_yscale("log")
     ax.set_xlabel("order l zeroed after every block")
-    ax.set_title("mean |ΔF| / mean |F| per class (dashed: threshold)", fontsize=9)
+    ax.set_title("mean |ΔF| / mean |F| per class (dashed: threshold; bars: intervals)", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
@@ -47,7 +55,8 @@ def potential_summary(result: dict[str, Any]) -> str:
     """A few plain sentences: what was analysed, what each order does to energies and forces, by class."""
     alls = [r for r in result["rows"] if r["block"] == "all"]
     effects = "; ".join(
-        f"l={r['order']}: forces {_pct(r['force_change_rel'])} of their size, energy {_fmt(1000 * r['energy_change_per_atom'])} meV/atom"
+        f"l={r['order']}: forces {_pct(r['force_change_rel'])}{_pct_interval(r, 'force_change_rel')} of their size, "
+        f"energy {_fmt(1000 * r['energy_change_per_atom'])} meV/atom"
         for r in alls
     )
     parts = [
@@ -57,9 +66,12 @@ def potential_summary(result: dict[str, Any]) -> str:
     ]
     for c in result["classes"]:
         used = [str(r["order"]) for r in c["rows"] if r["verdict"] == "used" and r["order"] != 0]
-        rel = ", ".join(f"l={r['order']} {_pct(r['force_change_rel'])}" for r in c["rows"] if r["order"] != 0)
+        unsure = [str(r["order"]) for r in c["rows"] if r["verdict"] == "uncertain" and r["order"] != 0]
+        rel = ", ".join(f"l={r['order']} {_pct(r['force_change_rel'])}{_pct_interval(r, 'force_change_rel')}"
+                        for r in c["rows"] if r["order"] != 0)  # fmt: skip
         parts.append(
             f"{c['class']} ({c['structures']} structures): orders > 0 used: {', '.join(used) if used else 'none'}"
+            + (f", uncertain: {', '.join(unsure)}" if unsure else "")
             + (f" (force change {rel})" if rel else "")
             + "."
         )
@@ -70,9 +82,18 @@ def potential_summary(result: dict[str, Any]) -> str:
         )
     parts.append(
         f"An order counts as used when zeroing it changes the energy by at least {1000 * result['energy_threshold']:.3g} meV/atom "
-        f"or the forces by at least {result['force_threshold']:.0%} of their mean size."
-    )
+        f"or the forces by at least {result['force_threshold']:.0%} of their mean size"
+        + (f", for the whole {result['interval_level']:.0%} interval (a bootstrap over the structures; "
+           "uncertain where the interval straddles the threshold)." if "interval_level" in result else ".")
+    )  # fmt: skip
     return " ".join(parts)
+
+
+def _pct_interval(r: dict[str, Any], key: str) -> str:
+    lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f" [{100 * lo:.3g}, {100 * hi:.3g}] %"
 
 
 def _pct(v: float) -> str:
@@ -87,10 +108,11 @@ def write_potential_analysis(out: Path, result: dict[str, Any], started: float |
         png = figure_png(potential_figure(result), dpi=100)
         atomic_write(staged / "usage.png", lambda f: f.write(png))
         class_rows = [{"class": c["class"], "structures": c["structures"], "atoms": c["atoms"], "mean |F|": c["mean_force"],
-                       **{f"l={r['order']} {k}": r[v] for r in c["rows"] for k, v in
-                          (("|ΔF|/|F|", "force_change_rel"), ("|ΔE|/atom", "energy_change_per_atom"), ("verdict", "verdict"))}}
+                       **{f"l={r['order']} {k}{end}": r.get(f"{v}{end}") for r in c["rows"] for k, v in
+                          (("|ΔF|/|F|", "force_change_rel"), ("|ΔE|/atom", "energy_change_per_atom"), ("verdict", "verdict"))
+                          for end in (("",) if v == "verdict" else ("", "_lo", "_hi"))}}
                       for c in result["classes"]]  # fmt: skip
-        fields = ROW_FIELDS if result.get("force_mae") is not None else ROW_FIELDS[:-1]
+        fields = ROW_FIELDS if result.get("force_mae") is not None else [f for f in ROW_FIELDS if not f.startswith("force_delta")]
         doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>irrepscope potential analysis: {html.escape(result['model'])}</title>
 <style>body{{font-family:sans-serif;max-width:1300px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from irrepscope.analysis.bootstrap import interval_verdict
 from irrepscope.analysis.usage import check_threshold
 from irrepscope.atomic import atomic_write_json, atomic_write_text, recover_directory, replace_directory, staging_directory
 from irrepscope.config import Config
@@ -59,17 +60,39 @@ def _relative_effects(usage: dict[str, Any], row: dict[str, Any]) -> list[float]
     return effects
 
 
-def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
-    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE there.
+def _relative_intervals(usage: dict[str, Any], row: dict[str, Any]) -> list[tuple[float, float]]:
+    """The (lo, hi) intervals of those relative increases; for an analysis made before the intervals, the points."""
+    if row.get("ablation_delta_rel_lo") is None:
+        return [(e, e) for e in _relative_effects(usage, row)]
+    out = [(row["ablation_delta_rel_lo"], row["ablation_delta_rel_hi"])]
+    if usage.get("force_mae") and row.get("force_delta_rel_lo") is not None:
+        out.append((row["force_delta_rel_lo"], row["force_delta_rel_hi"]))
+    return out
 
-    Where the forces were analysed, the force MAE must stay below ``threshold`` x the model's force MAE too.
+
+def decide_at(usage: dict[str, Any], threshold: float) -> tuple[list[int], list[int]]:
+    """(unused, uncertain) orders (never 0) at ``threshold``, from the intervals of the all-blocks rows.
+
+    Unused: every interval (energy, and forces where analysed) lies below ``threshold`` x the
+    model's MAE; uncertain: none lies at or above it but some straddles it (kept, and said).
     """
     threshold = check_threshold(threshold)
-    return sorted(
-        int(r["order"])
-        for r in usage["rows"]
-        if r["block"] == "all" and int(r["order"]) != 0 and all(e < threshold for e in _relative_effects(usage, r))
-    )
+    unused, uncertain = [], []
+    for r in usage["rows"]:
+        if r["block"] != "all" or int(r["order"]) == 0:
+            continue
+        verdicts = {interval_verdict(lo, hi, threshold) for lo, hi in _relative_intervals(usage, r)}
+        if verdicts == {"unused"}:
+            unused.append(int(r["order"]))
+        elif "used" not in verdicts and "uncertain" in verdicts:
+            uncertain.append(int(r["order"]))
+    return sorted(unused), sorted(uncertain)
+
+
+def unused_at(usage: dict[str, Any], threshold: float) -> list[int]:
+    """Orders (never 0) whose all-blocks ablation raises the MAE by less than ``threshold`` x the model's MAE there,
+    for the whole interval (:func:`decide_at`); with forces, the force MAE's too."""
+    return decide_at(usage, threshold)[0]
 
 
 def least_used(usage: dict[str, Any]) -> list[int]:

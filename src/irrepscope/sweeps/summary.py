@@ -271,7 +271,7 @@ def usage_table(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": len(items),
                 **_mean_std([float(r["delta_mae_ev"]) for r in items], "delta"),
                 **(_mean_std(relative, "relative") if (relative := _relative(items, "energy")) else {}),
-                "unused_in": sum(r["verdict"] == "unused" for r in items),
+                **_verdict_counts(items, "verdict", ""),
                 **_force_usage(items),
             }
         )
@@ -285,7 +285,7 @@ def _relative(items: list[dict[str, Any]], what: str) -> list[float]:
     removal adds: an energy-only and a force-trained model differ in energy MAE by 30 % or more.
     """
     delta, model = ("delta_mae_ev", "model_mae_ev") if what == "energy" else ("force_delta", "model_force_mae")
-    if what == "forces" and not all(r.get("force_verdict") in ("used", "unused") for r in items):
+    if what == "forces" and not all(r.get("force_verdict") in VERDICTS for r in items):
         return []
     if not all(r.get(model) not in (None, "", 0) for r in items):
         return []
@@ -294,14 +294,26 @@ def _relative(items: list[dict[str, Any]], what: str) -> list[float]:
 
 def _force_usage(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Over seeds, the force ΔMAE of an order zeroed after every block, where every run analysed its forces."""
-    if not items or not all(r.get("force_verdict") in ("used", "unused") for r in items):
+    if not items or not all(r.get("force_verdict") in VERDICTS for r in items):
         return {}
     relative = _relative(items, "forces")
     return {
         **_mean_std([float(r["force_delta"]) for r in items], "force_delta"),
         **(_mean_std(relative, "force_relative") if relative else {}),
-        "force_unused_in": sum(r["force_verdict"] == "unused" for r in items),
+        **_verdict_counts(items, "force_verdict", "force_"),
     }
+
+
+VERDICTS = ("used", "uncertain", "unused")  # an analysis before the intervals has no "uncertain"
+
+
+def _verdict_counts(items: list[dict[str, Any]], key: str, prefix: str) -> dict[str, int]:
+    """How many seeds gave each verdict: ``{prefix}used_in``, ``{prefix}uncertain_in``, ``{prefix}unused_in``."""
+    return {f"{prefix}{v}_in": sum(r[key] == v for r in items) for v in VERDICTS}
+
+
+def _verdict_cell(u: dict[str, Any], prefix: str = "") -> str:
+    return "/".join(str(u[f"{prefix}{v}_in"]) for v in VERDICTS)
 
 
 def usage_comparisons(usage_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -416,22 +428,24 @@ def comparison_markdown(rows: list[dict[str, Any]], usage_rows: list[dict[str, A
             "## Order usage: MAE increase when the order is zeroed after every block",
             "",
             "From each run's `analysis/usage.json` (its own test split); mean ± sample standard deviation over seeds. "
-            "Relative: the ΔMAE divided by the model's own MAE on the same structures (1.0: zeroing the order doubles the error).",
+            "Relative: the ΔMAE divided by the model's own MAE on the same structures (1.0: zeroing the order doubles the error). "
+            "Verdicts per seed: from the 95 % interval of each run's relative ΔMAE against its threshold (uncertain: it straddles it; "
+            "analyses made before the intervals have point verdicts only).",
             "",
-            "| configuration | order | seeds | ΔMAE (target unit) | relative | unused in "
-            "| force ΔMAE (eV/Å) | relative | unused for forces in |",
+            "| configuration | order | seeds | ΔMAE (target unit) | relative | seeds used / uncertain / unused "
+            "| force ΔMAE (eV/Å) | relative | forces: used / uncertain / unused |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for u in table:
             force = (
                 f"{mean_pm_std(u['force_delta_mean'], u['force_delta_std'])} | {_relative_cell(u, 'force_relative')} "
-                f"| {u['force_unused_in']}/{u['seeds']}"
+                f"| {_verdict_cell(u, 'force_')}"
                 if "force_delta_mean" in u
                 else " | | "
             )
             lines.append(
                 f"| {u['variant']} | {u['order']} | {u['seeds']} | {mean_pm_std(u['delta_mean'], u['delta_std'])} "
-                f"| {_relative_cell(u, 'relative')} | {u['unused_in']}/{u['seeds']} | {force} |"
+                f"| {_relative_cell(u, 'relative')} | {_verdict_cell(u)} | {force} |"
             )
     changes = usage_comparisons(usage_rows)
     if changes:
