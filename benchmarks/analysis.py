@@ -1,27 +1,101 @@
-"""Per-stage time of the order-usage analysis on the QM9 test split.
+"""Per-stage time of the order-usage analysis on the QM9 test split, optionally side by side with another revision.
 
 Builds a [0..6]/H=16 model (5 blocks, fast backend) with FRESH weights (seed 0): the
 analysis costs the same whatever the weights, so no training is needed to time it. The
 split is a random 80/10/10 split of all 130,831 molecules (test: 13,083), like a full run's.
 
-    python benchmarks/analysis.py [--max-molecules N] [--embedding phate|umap|pca] [--threads 2]
+    python benchmarks/analysis.py [--orders 0,1,2,3,4] [--max-molecules N] [--embedding phate|umap|pca]
+                                  [--threads 2] [--baseline REV]
+
+With ``--baseline REV`` (a git revision, e.g. the commit before a speed-up) the same
+analysis runs first with that revision's code (its ``src`` from ``git archive``, in a
+fresh process), then with this checkout's, one after the other (never side by side on
+the same cores), and a table gives each stage's time in both and their ratio, and the
+largest difference of the usage numbers both compute (the same molecules, so they must
+agree to float tolerance).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+SAME = ["ablation_delta_mae_ev", "norm_share_node", "norm_share_graph", "grad_x_input", "probe_r2"]  # compared across revisions
 
-from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES, analyze_model
-from irrepscope.config import ModelConfig
-from irrepscope.data import load_qm9, random_split
-from irrepscope.model.network import build_model
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the analysis once in this process (with whatever irrepscope is importable) and return timings and rows."""
+    import numpy as np
+    import torch
+
+    from irrepscope.analysis.runner import analyze_model
+    from irrepscope.config import ModelConfig
+    from irrepscope.data import load_qm9, random_split
+    from irrepscope.model.network import build_model
+
+    import irrepscope
+
+    torch.set_num_threads(args.threads)
+    print(f"irrepscope from {Path(irrepscope.__file__).parent}", file=sys.stderr)
+    t = time.perf_counter()
+    mols = load_qm9(progress=False)
+    split = random_split(len(mols), [0.8, 0.1, 0.1], seed=0)
+    test = np.asarray(split["test"])[: args.max_molecules]
+    print(f"loaded QM9 ({len(mols)} molecules) in {time.perf_counter() - t:.1f} s; analysing {len(test)} test molecules", file=sys.stderr)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(orders=[int(v) for v in args.orders.split(",")], hidden_mul=args.hidden)).eval()
+    model.set_target_stats(-76.12, 10.32)
+    print(f"model orders [{args.orders}] H={args.hidden}: {model.num_parameters():,} parameters, backend {model.backend} (fresh weights)", file=sys.stderr)
+    options = dict(embedding=args.embedding, map_molecules=args.map_molecules, probe_molecules=args.probe_molecules,
+                   ablation_molecules=args.ablation_molecules, progress=not args.quiet)  # fmt: skip
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
+    t0 = time.perf_counter()
+    res = analyze_model(model, mols, test, np.asarray(split["train"]), target="U0_atomization", **options)
+    total = time.perf_counter() - t0
+    rows = [{k: r.get(k) for k in ["block", "order", *SAME]} for r in res["rows"]]
+    return {"timings_s": {**res["timings_s"], "total": total}, "rows": rows, "molecules": len(test),
+            "model_mae": res["model_mae"]}  # fmt: skip
+
+
+def _worker(args: argparse.Namespace, src: Path) -> dict:
+    """:func:`measure` in a fresh process whose irrepscope is the one under ``src``."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        argv = [sys.executable, __file__, "--worker", out.name, "--orders", args.orders, "--hidden", str(args.hidden),
+                "--ablation-molecules", str(args.ablation_molecules), "--map-molecules", str(args.map_molecules),
+                "--probe-molecules", str(args.probe_molecules), "--embedding", args.embedding, "--threads", str(args.threads)]  # fmt: skip
+        if args.max_molecules is not None:
+            argv += ["--max-molecules", str(args.max_molecules)]
+        if args.batch_size is not None:
+            argv += ["--batch-size", str(args.batch_size)]
+        if args.quiet:
+            argv.append("--quiet")
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        subprocess.run(argv, env=env, check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def _largest_difference(a: list[dict], b: list[dict]) -> float:
+    worst = 0.0
+    for ra, rb in zip(a, b, strict=True):
+        for k in SAME:
+            x, y = ra.get(k), rb.get(k)
+            if isinstance(x, float) and isinstance(y, float) and x == x and y == y:
+                worst = max(worst, abs(x - y) / max(abs(x), 1e-12))
+    return worst
 
 
 def main() -> None:
+    from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--orders", default="0,1,2,3,4,5,6")
     ap.add_argument("--hidden", type=int, default=16)
@@ -30,37 +104,41 @@ def main() -> None:
     ap.add_argument("--map-molecules", type=int, default=MAP_MOLECULES)
     ap.add_argument("--probe-molecules", type=int, default=PROBE_MOLECULES)
     ap.add_argument("--embedding", default="phate", choices=["phate", "umap", "pca"])
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: each revision's own default")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", metavar="REV", help="also time this git revision's code, before this checkout's")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t = time.perf_counter()
-    mols = load_qm9(progress=False)
-    split = random_split(len(mols), [0.8, 0.1, 0.1], seed=0)
-    test = np.asarray(split["test"])[: args.max_molecules]
-    print(f"loaded QM9 ({len(mols)} molecules) in {time.perf_counter() - t:.1f} s; analysing {len(test)} test molecules")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(orders=[int(v) for v in args.orders.split(",")], hidden_mul=args.hidden)).eval()
-    model.set_target_stats(-76.12, 10.32)
-    print(f"model orders [{args.orders}] H={args.hidden}: {model.num_parameters():,} parameters, backend {model.backend} (fresh weights)")
-    t0 = time.perf_counter()
-    res = analyze_model(
-        model,
-        mols,
-        test,
-        np.asarray(split["train"]),
-        target="U0_atomization",
-        embedding=args.embedding,
-        map_molecules=args.map_molecules,
-        probe_molecules=args.probe_molecules,
-        ablation_molecules=args.ablation_molecules,
-        batch_size=args.batch_size,
-        progress=True,
-    )
-    total = time.perf_counter() - t0
-    for stage, seconds in res["timings_s"].items():
-        print(f"{stage:>22}: {seconds:7.1f} s")
-    print(f"{'total':>22}: {total:7.1f} s  ({len(test)} molecules, {args.threads} threads; report writing not included)")
+    if args.worker:
+        Path(args.worker).write_text(json.dumps(measure(args)))
+        return
+    if not args.baseline:
+        res = _worker(args, ROOT / "src")
+        for stage, seconds in res["timings_s"].items():
+            print(f"{stage:>22}: {seconds:7.1f} s")
+        print(f"({res['molecules']} molecules, {args.threads} threads; report writing not included)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"], check=True, capture_output=True).stdout
+        path = Path(tmp) / "src.tar"
+        path.write_bytes(archive)
+        with tarfile.open(path) as tar:
+            tar.extractall(tmp, filter="data")
+        print(f"timing {args.baseline} ...", file=sys.stderr)
+        old = _worker(args, Path(tmp) / "src")
+    print("timing this checkout ...", file=sys.stderr)
+    new = _worker(args, ROOT / "src")
+    stages = list(dict.fromkeys([*old["timings_s"], *new["timings_s"]]))
+    print(f"{'stage':>22} {args.baseline[:10]:>10} {'this':>10} {'ratio':>7}")
+    for stage in stages:
+        a, b = old["timings_s"].get(stage), new["timings_s"].get(stage)
+        ratio = f"{a / b:6.2f}x" if a and b else ""
+        cell = lambda v: f"{v:9.1f}s" if v is not None else f"{'-':>10}"  # noqa: E731
+        print(f"{stage:>22} {cell(a)} {cell(b)} {ratio:>7}")
+    print(f"({new['molecules']} molecules, {args.threads} threads, one after the other; report writing not included)")
+    print(f"largest relative difference of the usage numbers both compute: {_largest_difference(old['rows'], new['rows']):.2e}; "
+          f"model MAE {old['model_mae']:.6g} vs {new['model_mae']:.6g}")  # fmt: skip
 
 
 if __name__ == "__main__":

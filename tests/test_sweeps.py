@@ -154,7 +154,7 @@ def test_sweep_analyze_gives_usage_and_paired_comparisons(sweep_file, capsys):
 def test_paired_comparison_and_usage_table_on_known_numbers():
     from scipy import stats
 
-    from irrepscope.sweeps.summary import paired_comparisons, usage_table
+    from irrepscope.sweeps.summary import comparison_markdown, paired_comparisons, usage_table
 
     rows = [{"variant": v, "seed": s, "test_mae_ev": m} for v, s, m in
             [("a", 0, 1.0), ("a", 1, 2.0), ("a", 2, 3.5), ("b", 0, 1.5), ("b", 1, 2.1), ("b", 2, 4.5), ("c", 0, 9.0)]]  # fmt: skip
@@ -163,10 +163,11 @@ def test_paired_comparison_and_usage_table_on_known_numbers():
     assert pair["diff_mean"] == pytest.approx((-0.5 - 0.1 - 1.0) / 3)
     assert pair["p"] == pytest.approx(stats.ttest_rel([1, 2, 3.5], [1.5, 2.1, 4.5]).pvalue)
     usage = [{"variant": "a", "seed": s, "order": 1, "delta_mae_ev": d, "verdict": v}
-             for s, d, v in [(0, 0.1, "used"), (1, 0.3, "used"), (2, 0.0, "unused")]]  # fmt: skip
+             for s, d, v in [(0, 0.1, "used"), (1, 0.3, "used"), (2, 0.0, "unused"), (3, 0.01, "uncertain")]]  # fmt: skip
     (u,) = usage_table(usage)
-    assert u["delta_mean"] == pytest.approx(0.4 / 3) and u["delta_std"] == pytest.approx(0.15275252, rel=1e-6)
-    assert u["unused_in"] == 1
+    assert u["delta_mean"] == pytest.approx(0.41 / 4) and u["seeds"] == 4
+    assert (u["used_in"], u["uncertain_in"], u["unused_in"]) == (2, 1, 1)  # how many seeds gave each verdict
+    assert "| 2/1/1 |" in comparison_markdown([], usage)
     assert "relative_mean" not in u  # no model MAE recorded: no relative ΔMAE
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from irrepscope.analysis.runner import ABLATION_MOLECULES, MAP_MOLECULES, PROBE_MOLECULES
+from irrepscope.analysis.runner import ABLATION_MOLECULES, BATCH_SIZE, MAP_MOLECULES, PROBE_MOLECULES
 from irrepscope.analysis.bootstrap import LEVEL, RESAMPLES
 from irrepscope.analysis.usage import THRESHOLD
 from irrepscope.config import load_config
@@ -291,7 +291,7 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Structures (seeded subset) for the all-blocks ablation.")
 @click.option("--threshold", type=float, default=THRESHOLD, callback=_finite_fraction, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option("--batch-size", type=int, default=None, callback=_count, help="Structures per batch [default: 256; 8 for SevenNet].")
+@click.option("--batch-size", type=int, default=None, callback=_count, help=f"Structures per batch [default: {BATCH_SIZE}; 8 for SevenNet].")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--structures", multiple=True, metavar="FILE|SET",
               help="For a SevenNet model: a structure file (extxyz, cells welcome) or a shipped set (qm9_xtb, crystals); repeatable.")
@@ -364,7 +364,7 @@ def analyze(
     given = [name for name, on in sevenn_only.items() if on]
     if given:
         raise IrrepscopeError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for SevenNet models (7net-0, ..., or a .pth checkpoint)")
-    batch_size = batch_size or 256
+    batch_size = batch_size or BATCH_SIZE
     if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2")):
         if molecules is None:
             raise IrrepscopeError(

@@ -79,17 +79,20 @@ def _rows(
     rows = []
     cases = [(b, l) for b in range(model.num_blocks) for l in orders] + [(None, l) for l in orders]
     for block, l in cases:
-        cols = force_columns(forces, block, l, FORCE_THRESHOLD, boot)
         row = {"block": "all" if block is None else block + 1, "order": l}
-        row.update({k: cols[k] for k in with_bounds(LABEL_FREE_MEASURES)})
-        row["verdict"] = self_verdict(
-            (cols["energy_change_per_atom_lo"], cols["energy_change_per_atom_hi"]),
-            (cols["force_change_rel_lo"], cols["force_change_rel_hi"]), *thresholds,
-        )  # fmt: skip
-        if forces.labelled:
-            row.update({k: cols[k] for k in with_bounds(["force_delta_mae"])})
+        force_columns(row, forces, block, l, boot)
         rows.append(row)
-    return rows
+    boot.resolve()
+    keep = with_bounds(LABEL_FREE_MEASURES) + (with_bounds(["force_delta_mae"]) if forces.labelled else [])
+    out = []
+    for row in rows:
+        verdict = self_verdict(
+            (row["energy_change_per_atom_lo"], row["energy_change_per_atom_hi"]),
+            (row["force_change_rel_lo"], row["force_change_rel_hi"]), *thresholds,
+        )  # fmt: skip
+        out.append({"block": row["block"], "order": row["order"], **{k: row[k] for k in keep[:9]}, "verdict": verdict,
+                    **{k: row[k] for k in keep[9:]}})  # fmt: skip
+    return out
 
 
 def analyze_potential(

@@ -187,38 +187,45 @@ def usage_rows(
     probing = probe_pass is not None and probe_pass.target is not None
     scored = held_out_positions(eval_pass.indices, probe_pass.indices) if probing else np.zeros(0, dtype=np.int64)
     probe_boot = Resampler(len(scored), resamples, seed + 2, level) if len(scored) >= 2 else None
+    truth = invariant(eval_pass.target[scored]).astype(np.float64) if probing else None  # the probes' scored targets
     atoms = eval_pass.atoms.astype(np.float64)
     fboot = Resampler(len(forces.indices), resamples, seed + 3, level) if forces is not None else None
     rows: list[dict[str, Any]] = []
     nb = eval_pass.node_sq.shape[0]
     for b in range(nb):
         for j, l in enumerate(eval_pass.orders):
-            row: dict[str, Any] = {"block": b + 1, "order": l}
+            # One dict per row, filled in place: the intervals are queued on it and filled by resolve() below.
+            row: dict[str, Any] = {"block": b + 1, "order": l, **{k: float("nan") for k in MEASURES}}
+            rows.append(row)
             if eval_pass.graph_invariants[b][l].shape[1] == 0:
                 # This block puts out no order l (e.g. a NequIP last layer of scalars only).
-                rows.append({**row, **{k: float("nan") for k in MEASURES}, "verdict": "absent",
-                             **force_columns(forces, b, l, threshold, fboot)})  # fmt: skip
+                row["verdict"] = "absent"
+                force_columns(row, forces, b, l, fboot)
                 continue
             measure(row, "norm_share_node", boot, eval_pass.node_sq[b, j], eval_pass.node_sq_total[b])
             measure(row, "norm_share_graph", boot, eval_pass.graph_sq[b, j], eval_pass.graph_sq_total[b])
-            row.update(_ablation(err, errors(eval_pass.ablation_prediction[b, j], eval_pass.target), boot, threshold))
+            _ablation(row, err, errors(eval_pass.ablation_prediction[b, j], eval_pass.target), boot)
             measure(row, "grad_x_input", boot, eval_pass.grad_x_input[b, j], atoms)
-            row.update({"probe_r2": float("nan"), "probe_r2_lo": float("nan"), "probe_r2_hi": float("nan")})
             if probing:
-                truth = invariant(eval_pass.target[scored])
                 fitted = probe_predictions(
                     probe_pass.graph_invariants[b][l], invariant(probe_pass.target), eval_pass.graph_invariants[b][l][scored]
                 )
                 if fitted is not None:
                     row["probe_r2"] = _r2(truth, fitted)
-                    row["probe_r2_lo"], row["probe_r2_hi"] = probe_boot.r2(truth, fitted)
-            rows.append({**row, **force_columns(forces, b, l, threshold, fboot)})
+                    probe_boot.defer_r2(row, "probe_r2", truth, fitted)
+            row["verdict"] = ""  # from the interval, below
+            force_columns(row, forces, b, l, fboot)
     pos = np.arange(len(err)) if all_blocks_positions is None else np.asarray(all_blocks_positions)
     sub_boot = boot if len(pos) == len(err) else Resampler(len(pos), resamples, seed + 1, level)
     for l in eval_pass.orders:
         row = {"block": "all", "order": l, **{k: float("nan") for k in MEASURES}}
-        row.update(_ablation(err[pos], errors(all_blocks[l], eval_pass.target[pos]), sub_boot, threshold))
-        rows.append({**row, **force_columns(forces, None, l, threshold, fboot)})
+        rows.append(row)
+        _ablation(row, err[pos], errors(all_blocks[l], eval_pass.target[pos]), sub_boot)
+        row["verdict"] = ""
+        force_columns(row, forces, None, l, fboot)
+    for resampler in {id(r): r for r in (boot, sub_boot, probe_boot, fboot) if r is not None}.values():
+        resampler.resolve()
+    _verdicts(rows, threshold, forces is not None and forces.labelled)
     return rows
 
 
@@ -228,20 +235,28 @@ def errors(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def measure(row: dict[str, Any], name: str, boot: Resampler, numerator: np.ndarray, denominator: np.ndarray | None = None) -> None:
-    """``row[name]`` = sum(numerator) / sum(denominator) (a mean without one), with its bootstrap interval."""
+    """``row[name]`` = sum(numerator) / sum(denominator) (a mean without one); its bootstrap interval is queued on
+    ``boot`` (:meth:`Resampler.resolve` fills ``{name}_lo`` / ``{name}_hi`` in)."""
     numerator = np.asarray(numerator, dtype=np.float64)
     den = float(np.sum(denominator)) if denominator is not None else float(len(numerator))
     row[name] = float(numerator.sum() / den) if den != 0 else float("nan")
-    row[f"{name}_lo"], row[f"{name}_hi"] = boot.ratio(numerator, denominator)
+    row[f"{name}_lo"] = row[f"{name}_hi"] = float("nan")
+    boot.defer(row, name, numerator, denominator)
 
 
-def _ablation(err: np.ndarray, ablated: np.ndarray, boot: Resampler, threshold: float) -> dict[str, Any]:
-    """ΔMAE (target unit) and ΔMAE / MAE of an ablation, paired per molecule, with intervals and the verdict."""
-    row: dict[str, Any] = {}
+def _ablation(row: dict[str, Any], err: np.ndarray, ablated: np.ndarray, boot: Resampler) -> None:
+    """ΔMAE (target unit) and ΔMAE / MAE of an ablation, paired per molecule, into ``row`` (intervals queued on ``boot``)."""
     measure(row, "ablation_delta_mae_ev", boot, ablated - err)
     measure(row, "ablation_delta_rel", boot, ablated - err, err)
-    row["verdict"] = verdict(row["ablation_delta_rel_lo"], row["ablation_delta_rel_hi"], threshold)
-    return row
+
+
+def _verdicts(rows: list[dict[str, Any]], threshold: float, labelled: bool) -> None:  # after resolve()
+    """Each row's verdicts from its (resolved) intervals of ΔMAE / MAE; absent rows keep theirs."""
+    for row in rows:
+        if row.get("verdict") != "absent":
+            row["verdict"] = verdict(row["ablation_delta_rel_lo"], row["ablation_delta_rel_hi"], threshold)
+        if labelled:
+            row["force_verdict"] = verdict(row["force_delta_rel_lo"], row["force_delta_rel_hi"], threshold)
 
 
 def _r2(truth: np.ndarray, prediction: np.ndarray) -> float:
@@ -249,22 +264,17 @@ def _r2(truth: np.ndarray, prediction: np.ndarray) -> float:
     return 1.0 - float(np.sum((truth - prediction) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
 
 
-def force_columns(
-    forces: ForcePass | None, block: int | None, l: int, threshold: float, boot: Resampler | None
-) -> dict[str, Any]:
-    """The force columns of a row, with intervals from ``boot`` (a resampler of ``forces``' structures): ΔMAE
-    against the labels and the label-free changes (NaN without forces); ``force_verdict`` where labelled."""
-    row: dict[str, Any] = {f: float("nan") for f in with_bounds(FORCE_MEASURES)}
+def force_columns(row: dict[str, Any], forces: ForcePass | None, block: int | None, l: int, boot: Resampler | None) -> None:
+    """The force columns of ``row``: ΔMAE against the labels and the label-free changes, their intervals queued on
+    ``boot`` (a resampler of ``forces``' structures); NaN without forces. ``force_verdict`` is set by the caller."""
+    row.update({f: float("nan") for f in with_bounds(FORCE_MEASURES)})
     row["force_verdict"] = ""
     if forces is None:
-        return row
+        return
     for name in FORCE_MEASURES:
         terms = forces.terms(name, block, l)
         if terms is not None:
             measure(row, name, boot, *terms)
-    if forces.labelled:
-        row["force_verdict"] = verdict(row["force_delta_rel_lo"], row["force_delta_rel_hi"], threshold)
-    return row
 
 
 def decide_orders(model_orders: list[int], rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
