@@ -42,3 +42,18 @@ def one_line_error(capsys, code: int, match: str) -> str:
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert match in err, err
     return err
+
+
+def scale_order_paths(model, l: int, factor: float) -> None:
+    """Scale the radial MLP's output columns of every path that reads or writes order ``l``, in every block."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        for block in model.blocks:
+            start = 0
+            for ins in block.tp.instructions:
+                n = int(np.prod(ins.path_shape))
+                if block.tp.irreps_in1[ins.i_in1].ir.l == l or block.tp.irreps_out[ins.i_out].ir.l == l:
+                    block.fc.layer1.weight[:, start : start + n] *= factor
+                start += n

@@ -11,7 +11,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from helpers import run_cli
+from helpers import run_cli, scale_order_paths
 from irrepscope.analysis import complexity, latent, usage
 from irrepscope.analysis.features import collect
 from irrepscope.analysis.interface import AnalysedModel
@@ -43,14 +43,7 @@ def tiny(orders=(0, 1, 2), mul=3, blocks=2, seed=0, dtype=torch.float64):
 
 def zero_order_paths(model, l: int) -> None:
     """Zero the radial MLP's output columns of every path that reads or writes order ``l``, in every block."""
-    with torch.no_grad():
-        for block in model.blocks:
-            start = 0
-            for ins in block.tp.instructions:
-                n = int(np.prod(ins.path_shape))
-                if block.tp.irreps_in1[ins.i_in1].ir.l == l or block.tp.irreps_out[ins.i_out].ir.l == l:
-                    block.fc.layer1.weight[:, start : start + n] = 0
-                start += n
+    scale_order_paths(model, l, 0.0)
 
 
 def rows_of(model, mols, orders=None):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import scale_order_paths
 from irrepscope.analysis.features import collect
 from irrepscope.analysis.own_model import OwnModel
 from irrepscope.analysis.runner import analyze_model
@@ -28,14 +29,7 @@ def scaled_order(l: int, factor: float) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(ModelConfig(orders=[0, 1, 2], hidden_mul=4, num_blocks=3)).double().eval()
     model.set_target_stats(-70.0, 10.0)
-    with torch.no_grad():
-        for block in model.blocks:
-            start = 0
-            for ins in block.tp.instructions:
-                n = int(np.prod(ins.path_shape))
-                if block.tp.irreps_in1[ins.i_in1].ir.l == l or block.tp.irreps_out[ins.i_out].ir.l == l:
-                    block.fc.layer1.weight[:, start : start + n] *= factor
-                start += n
+    scale_order_paths(model, l, factor)
     return model
 
 
