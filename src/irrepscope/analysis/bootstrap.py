@@ -74,8 +74,8 @@ class Resampler:
     """The bootstrap resamples of one set of ``n`` structures, shared by every number measured on it (paired).
 
     ``ratio(num, den)`` is the interval of ``sum(num) / sum(den)`` (a mean when ``den`` is
-    None); ``r2(truth, prediction)`` that of R^2. Arrays are per structure, in set order.
-    ``defer`` and ``defer_r2`` queue the same into ``row[f"{name}_lo"]``, ``row[f"{name}_hi"]``
+    None). Arrays are per structure, in set order. ``defer`` and ``defer_r2`` (R^2, the
+    prediction held fixed) queue intervals into ``row[f"{name}_lo"]``, ``row[f"{name}_hi"]``
     and :meth:`resolve` computes the whole queue in one matrix product: the resample
     counts are ``resamples x n`` (100 MB for 13k molecules), so one pass over them for
     hundreds of numbers instead of one each.
@@ -92,14 +92,8 @@ class Resampler:
         denominator = np.ones_like(numerator) if denominator is None else denominator
         return interval(ratio_samples(numerator, denominator, self.counts), self.level)
 
-    def r2(self, truth: np.ndarray, prediction: np.ndarray) -> tuple[float, float]:
-        """Interval of R^2 = 1 - SS_res / SS_tot over the resampled structures (the prediction held fixed)."""
-        truth, prediction = np.asarray(truth, dtype=np.float64), np.asarray(prediction, dtype=np.float64)
-        return interval(self._r2_samples(self.counts @ (truth - prediction) ** 2, truth), self.level)
-
-    def _r2_samples(self, ss_res: np.ndarray, truth: np.ndarray, ss_tot: np.ndarray | None = None) -> np.ndarray:
-        if ss_tot is None:
-            ss_tot = self.counts @ truth**2 - (self.counts @ truth) ** 2 / self.n
+    @staticmethod
+    def _r2_samples(ss_res: np.ndarray, ss_tot: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(ss_tot > 0, 1.0 - ss_res / ss_tot, np.nan)
 
@@ -109,7 +103,7 @@ class Resampler:
         self._queue.append((row, name, np.asarray(numerator, dtype=np.float64), den, None))
 
     def defer_r2(self, row: dict, name: str, truth: np.ndarray, prediction: np.ndarray) -> None:
-        """Queue :meth:`r2` into ``row``'s ``{name}_lo`` / ``{name}_hi``."""
+        """Queue the interval of R^2 = 1 - SS_res / SS_tot into ``row``'s ``{name}_lo`` / ``{name}_hi``."""
         truth = truth if isinstance(truth, np.ndarray) and truth.dtype == np.float64 else np.asarray(truth, dtype=np.float64)
         self._queue.append((row, name, (truth - np.asarray(prediction, dtype=np.float64)) ** 2, None, truth))
 
@@ -129,7 +123,7 @@ class Resampler:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     samples = np.where(denominators[:, k] != 0, numerators[:, k] / denominators[:, k], np.nan)
             else:
-                samples = self._r2_samples(numerators[:, k], truth, ss_tot[id(truth)])
+                samples = self._r2_samples(numerators[:, k], ss_tot[id(truth)])
             row[f"{name}_lo"], row[f"{name}_hi"] = interval(samples, self.level)
 
 
