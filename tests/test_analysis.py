@@ -66,6 +66,39 @@ def test_order_split_matches_e3nn_slices(qm9):
         np.testing.assert_allclose(ev.graph_invariants[-1][ir.l], expect.numpy(), rtol=1e-10, atol=1e-12)
 
 
+def test_gradients_on_a_subset_give_the_same_numbers(qm9):
+    """The gradient pass on the ablation subset alone (the rest forward only): every molecule's numbers, in the
+    order of the indices, equal those of the pass with gradients on all of them."""
+    model = tiny(blocks=3)
+    full = collect(OwnModel(model), qm9, EVAL, gradients=True, **COMMON)
+    pos = np.array([1, 4, 5, 11, 20])  # batches of 16: the subset and the rest batch differently
+    part = collect(OwnModel(model), qm9, EVAL, gradients=True, gradient_positions=pos, **COMMON)
+    np.testing.assert_array_equal(part.indices, full.indices)
+    np.testing.assert_array_equal(part.gradient_positions, pos)
+    for name in ("prediction", "target", "heavy_atoms", "atoms", "node_sq", "graph_sq", "node_sq_total", "graph_sq_total"):
+        np.testing.assert_allclose(getattr(part, name), getattr(full, name), rtol=1e-12, atol=1e-12, err_msg=name)
+    for b in range(3):
+        for l in model.orders:
+            np.testing.assert_allclose(part.graph_invariants[b][l], full.graph_invariants[b][l], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(part.ablation_prediction, full.ablation_prediction[:, :, pos], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(part.grad_x_input, full.grad_x_input[:, :, pos], rtol=1e-12, atol=1e-12)
+    assert part.num_edges == full.num_edges  # the path moments still cover every molecule's edges
+    for a, b in zip(part.path_moment, full.path_moment, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    # usage_rows on it: per-block ablations over the subset equal the full pass's restricted to it by hand
+    batch = collate(qm9, EVAL[pos], None, dtype=torch.float64)
+    all_blocks = {l: rerun_ablation(model, batch, None, l).numpy() for l in model.orders}
+    rows = usage.usage_rows(part, all_blocks, None, resamples=50)
+    err = np.abs(full.prediction - full.target)[pos]
+    for row in rows:
+        if row["block"] != "all" and row["verdict"] != "absent":
+            j = model.orders.index(row["order"])
+            ablated = np.abs(full.ablation_prediction[row["block"] - 1, j, pos] - full.target[pos])
+            assert row["ablation_delta_mae_ev"] == pytest.approx(float(np.mean(ablated - err)), rel=1e-10, abs=1e-12)
+    with pytest.raises(IrrepscopeError, match="ablation subset"):
+        usage.usage_rows(part, {l: np.zeros(3) for l in model.orders}, None, resamples=10)
+
+
 def test_gradient_ablation_equals_rerun(qm9):
     """The linear-model shortcut gives the same ablated predictions as re-running the later blocks."""
     model = tiny(blocks=3)

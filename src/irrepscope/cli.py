@@ -288,7 +288,7 @@ def _order_list(value: str | None) -> list[int] | None:
 @click.option("--orders", "orders", default=None, metavar="0,2,...", help="Analyse only these orders (default: all).")
 @click.option("--map-molecules", type=int, callback=_count, default=MAP_MOLECULES, show_default=True, help="Structures drawn in the latent maps (seeded subset).")
 @click.option("--probe-molecules", type=int, callback=_count, default=PROBE_MOLECULES, show_default=True, help="Training molecules the linear probes are fit on.")
-@click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Structures (seeded subset) for the all-blocks ablation.")
+@click.option("--ablation-molecules", type=int, callback=_count, default=ABLATION_MOLECULES, show_default=True, help="Structures (seeded subset) that every ablation and grad x input are measured on.")
 @click.option("--threshold", type=float, default=THRESHOLD, callback=_finite_fraction, show_default=True, help="Unused: zeroing raises the MAE by less than this fraction of the model's MAE.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--batch-size", type=int, default=None, callback=_count, help=f"Structures per batch [default: {BATCH_SIZE}; 8 for SevenNet].")

@@ -10,10 +10,15 @@ gradients, one backward pass gives ``dpred/dx`` for every block; then:
   ``pred - sum_atoms <dpred/dx_b^l, x_b^l>``, read off that one backward pass; for any
   other model by re-running it with the order zeroed (the direct definition, which the
   tests check the shortcut against).
+
+The gradient work (a backward pass, or a re-run per block and order) can be limited to a
+subset of the molecules (``gradient_positions``: the analysis' ablation subset), the rest
+getting the forward pass alone; every molecule's numbers are the same either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -50,11 +55,12 @@ class SplitPass:
     node_sq_total: np.ndarray
     graph_sq_total: np.ndarray
     atoms: np.ndarray  # [M] atoms per molecule
-    # With gradients only:
-    grad_x_input: np.ndarray | None = None  # [B, n_orders, M] sum over the molecule's atoms of sum_u |<g_u, x_u>|
-    ablation_prediction: np.ndarray | None = None  # [B, n_orders, M] prediction with order zeroed at block b
+    # With gradients only, on the molecules at ``gradient_positions`` (sorted positions in ``indices``; all by default):
+    gradient_positions: np.ndarray | None = None  # [G]
+    grad_x_input: np.ndarray | None = None  # [B, n_orders, G] sum over the molecule's atoms of sum_u |<g_u, x_u>|
+    ablation_prediction: np.ndarray | None = None  # [B, n_orders, G] prediction with order zeroed at block b
     path_moment: list[np.ndarray] = field(default_factory=list)  # per block, what the family's path_weight_rms reads
-    num_edges: int = 0
+    num_edges: int = 0  # the edges the path moments were summed over (all of the pass's)
 
     @property
     def num_atoms(self) -> int:
@@ -70,6 +76,7 @@ def collect(
     orders: list[int] | None = None,
     batch_size: int = 256,
     gradients: bool = True,
+    gradient_positions: np.ndarray | None = None,
     progress: Progress = _no_progress,
     desc: str = "features",
 ) -> SplitPass:
@@ -78,9 +85,67 @@ def collect(
     ``target``: the property whose values go with the pass (float64, from ``mols``).
     With ``gradients``, also the gradient of each molecule's prediction w.r.t. every
     block's output, the per-(block, order) ablation predictions and the path moments.
+    ``gradient_positions`` (with ``gradients``): only the molecules at these positions of
+    ``indices`` get the gradient measures, computed in batches of their own (the rest run
+    forward only, after them); None: all of them. Every per-molecule array comes back in
+    the order of ``indices`` whatever the batching.
     ``orders`` restricts the per-order measures; the squared norm of each whole block (all
     of its orders) is always summed too (``node_sq_total``/``graph_sq_total``).
     """
+    indices = np.asarray(indices, dtype=np.int64)
+    if gradients and gradient_positions is not None:
+        gpos = np.unique(np.asarray(gradient_positions, dtype=np.int64))
+        if len(gpos) and (gpos[0] < 0 or gpos[-1] >= len(indices)):
+            raise ValueError("gradient_positions must be positions in indices")
+        rest = np.setdiff1d(np.arange(len(indices)), gpos)
+        first = _collect(model, mols, indices[gpos], target, orders, batch_size, True, True, progress, desc)
+        if len(rest) == 0:
+            return first
+        desc_rest = f"{desc} (rest: forward)"
+        second = _collect(model, mols, indices[rest], target, orders, batch_size, False, True, progress, desc_rest)
+        return _merge(first, second, gpos, rest)
+    return _collect(model, mols, indices, target, orders, batch_size, gradients, gradients, progress, desc)
+
+
+def _merge(grad: SplitPass, fwd: SplitPass, gpos: np.ndarray, rest: np.ndarray) -> SplitPass:
+    """One pass in the original order from a pass with gradients (positions ``gpos``) and one without (``rest``)."""
+    order = np.argsort(np.concatenate([gpos, rest]), kind="stable")  # concatenated -> original positions
+
+    def cat(a: np.ndarray | None, b: np.ndarray | None, axis: int = 0) -> np.ndarray | None:
+        return None if a is None else np.take(np.concatenate([a, b], axis=axis), order, axis=axis)
+
+    moments = [a + b for a, b in zip(grad.path_moment, fwd.path_moment)] if grad.path_moment else fwd.path_moment
+    return dataclasses.replace(
+        grad,
+        indices=cat(grad.indices, fwd.indices),
+        prediction=cat(grad.prediction, fwd.prediction),
+        target=cat(grad.target, fwd.target),
+        heavy_atoms=cat(grad.heavy_atoms, fwd.heavy_atoms),
+        graph_invariants=[{l: cat(g[l], f[l]) for l in g} for g, f in zip(grad.graph_invariants, fwd.graph_invariants)],
+        node_sq=cat(grad.node_sq, fwd.node_sq, -1),
+        graph_sq=cat(grad.graph_sq, fwd.graph_sq, -1),
+        node_sq_total=cat(grad.node_sq_total, fwd.node_sq_total, -1),
+        graph_sq_total=cat(grad.graph_sq_total, fwd.graph_sq_total, -1),
+        atoms=cat(grad.atoms, fwd.atoms),
+        gradient_positions=gpos,
+        path_moment=moments,
+        num_edges=grad.num_edges + fwd.num_edges,
+    )
+
+
+def _collect(
+    model: AnalysedModel,
+    mols: Structures,
+    indices: np.ndarray,
+    target: str | None,
+    orders: list[int] | None,
+    batch_size: int,
+    gradients: bool,
+    moments: bool,
+    progress: Progress,
+    desc: str,
+) -> SplitPass:
+    """:func:`collect` on one kind of batch: all with gradients or all without (path moments with ``moments``)."""
     orders = list(orders if orders is not None else model.orders)
     nb, no = model.num_blocks, len(orders)
     slices = [order_slices(irreps) for irreps in model.block_irreps]
@@ -88,7 +153,7 @@ def collect(
     inv = [{l: [] for l in orders} for _ in range(nb)]
     sums: dict[str, list[np.ndarray]] = {"node_sq": [], "graph_sq": [], "node_sq_total": [], "graph_sq_total": [], "gxi": []}
     abl: list[np.ndarray] = []
-    moments: list[np.ndarray] | None = None
+    moment_sums: list[np.ndarray] | None = None
     num_edges = 0
     total = (len(indices) + batch_size - 1) // batch_size
     flags = [p.requires_grad for p in model.parameters]
@@ -155,9 +220,10 @@ def collect(
                             abl_batch[b, j] = model.ablation(batch, b, l).double().cpu().numpy()
             if gradients:
                 abl.append(abl_batch)
+            if moments:
                 m = model.path_moments(batch)
                 if m is not None:
-                    moments = m if moments is None else [a + c for a, c in zip(moments, m)]
+                    moment_sums = m if moment_sums is None else [a + c for a, c in zip(moment_sums, m)]
                 num_edges += batch.num_edges
             preds.append(pred.double().cpu().numpy())
             heavy.append(
@@ -174,7 +240,6 @@ def collect(
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
     empty = {"node_sq_total": (nb, 0), "graph_sq_total": (nb, 0)}  # the rest are [B, n_orders, M]
     per_mol_sums = {k: np.concatenate(v, axis=-1) if v else np.zeros(empty.get(k, (nb, no, 0))) for k, v in sums.items()}
-    indices = np.asarray(indices, dtype=np.int64)
     return SplitPass(
         indices=indices,
         orders=orders,
@@ -187,8 +252,9 @@ def collect(
         node_sq_total=per_mol_sums["node_sq_total"],
         graph_sq_total=per_mol_sums["graph_sq_total"],
         atoms=cat(atoms).astype(np.int64),
+        gradient_positions=np.arange(len(indices)) if gradients else None,
         grad_x_input=per_mol_sums["gxi"] if gradients else None,
-        ablation_prediction=np.concatenate(abl, axis=2) if abl else None,
-        path_moment=moments or [],
+        ablation_prediction=np.concatenate(abl, axis=2) if abl else (np.zeros((nb, no, 0)) if gradients else None),
+        path_moment=moment_sums or [],
         num_edges=num_edges,
     )

@@ -20,8 +20,8 @@ Measures (one row per block and order, plus one ``block = "all"`` row per order)
 * ``verdict``: from the bootstrap interval of ``ablation_delta_rel`` (below): ``unused``
   when the whole interval lies below ``THRESHOLD``, ``used`` when it lies at or above it,
   ``uncertain`` otherwise (the sample of molecules cannot tell); the MAE is the model's *on
-  the molecules the effect was measured on* (the whole evaluated split for the per-block
-  rows, the all-blocks ablation's subset for the ``all`` rows); the ``all`` row's verdict
+  the molecules the effect was measured on* (the ablation subset, the same for the
+  per-block and the ``all`` rows and for ``grad_x_input``); the ``all`` row's verdict
   decides the order's fate; ``absent`` where a block puts out no such order (NaN measures).
 
 Every measure ``x`` has a 95 % interval ``x_lo``, ``x_hi``: the percentile interval of a
@@ -161,7 +161,6 @@ def usage_rows(
     probe_pass: SplitPass | None,
     threshold: float = THRESHOLD,
     *,
-    all_blocks_positions: np.ndarray | None = None,
     forces: ForcePass | None = None,
     resamples: int = RESAMPLES,
     level: float = LEVEL,
@@ -169,14 +168,16 @@ def usage_rows(
 ) -> list[dict[str, Any]]:
     """The rows of usage.csv from an evaluated pass (with gradients), all-blocks ablations and a training pass.
 
-    ``all_blocks`` maps order -> the predictions with the order zeroed after every block,
-    on the evaluated molecules at ``all_blocks_positions`` (None: all of them); the ``all``
-    verdicts compare the ΔMAE with ``threshold`` x the model's MAE on those same molecules.
+    The ablations are measured on the molecules of ``eval_pass.gradient_positions`` (the
+    ablation subset; all of them by default): the per-block ones and ``grad_x_input`` from
+    the pass, and ``all_blocks``, order -> the predictions with the order zeroed after
+    every block, on those same molecules; every verdict compares a ΔMAE with
+    ``threshold`` x the model's MAE there. The norm shares are over all evaluated molecules.
     The probes are fit on ``probe_pass`` and scored on the evaluated molecules that are
     not in it (NaN when fewer than two are left). Every measure has a ``_lo`` / ``_hi``
     bootstrap interval at ``level`` (:mod:`~irrepscope.analysis.bootstrap`; ``resamples``
     resamples, seeded): one resampler per set of molecules (the evaluated ones, the
-    all-blocks subset, the probe's scored ones, the force structures), shared by every
+    ablation subset, the probe's scored ones, the force structures), shared by every
     number on that set, so that a model and its ablations are always compared on the same
     resampled molecules. Verdicts come from the intervals of the relative ΔMAE (:func:`verdict`).
     """
@@ -184,11 +185,17 @@ def usage_rows(
         raise IrrepscopeError("usage needs a pass with targets and gradients")
     err = errors(eval_pass.prediction, eval_pass.target)
     boot = Resampler(len(err), resamples, seed, level)
+    pos = eval_pass.gradient_positions
+    sub_err, sub_target = err[pos], eval_pass.target[pos]
+    sub_boot = boot if len(pos) == len(err) else Resampler(len(pos), resamples, seed + 1, level)
+    for l, ablated in all_blocks.items():
+        if len(ablated) != len(pos):
+            raise IrrepscopeError(f"the all-blocks ablation of l={l} has {len(ablated)} molecules, the ablation subset {len(pos)}")
     probing = probe_pass is not None and probe_pass.target is not None
     scored = held_out_positions(eval_pass.indices, probe_pass.indices) if probing else np.zeros(0, dtype=np.int64)
     probe_boot = Resampler(len(scored), resamples, seed + 2, level) if len(scored) >= 2 else None
     truth = invariant(eval_pass.target[scored]).astype(np.float64) if probing else None  # the probes' scored targets
-    atoms = eval_pass.atoms.astype(np.float64)
+    sub_atoms = eval_pass.atoms[pos].astype(np.float64)
     fboot = Resampler(len(forces.indices), resamples, seed + 3, level) if forces is not None else None
     rows: list[dict[str, Any]] = []
     nb = eval_pass.node_sq.shape[0]
@@ -204,8 +211,8 @@ def usage_rows(
                 continue
             measure(row, "norm_share_node", boot, eval_pass.node_sq[b, j], eval_pass.node_sq_total[b])
             measure(row, "norm_share_graph", boot, eval_pass.graph_sq[b, j], eval_pass.graph_sq_total[b])
-            _ablation(row, err, errors(eval_pass.ablation_prediction[b, j], eval_pass.target), boot)
-            measure(row, "grad_x_input", boot, eval_pass.grad_x_input[b, j], atoms)
+            _ablation(row, sub_err, errors(eval_pass.ablation_prediction[b, j], sub_target), sub_boot)
+            measure(row, "grad_x_input", sub_boot, eval_pass.grad_x_input[b, j], sub_atoms)
             if probing:
                 fitted = probe_predictions(
                     probe_pass.graph_invariants[b][l], invariant(probe_pass.target), eval_pass.graph_invariants[b][l][scored]
@@ -215,12 +222,10 @@ def usage_rows(
                     probe_boot.defer_r2(row, "probe_r2", truth, fitted)
             row["verdict"] = ""  # from the interval, below
             force_columns(row, forces, b, l, fboot)
-    pos = np.arange(len(err)) if all_blocks_positions is None else np.asarray(all_blocks_positions)
-    sub_boot = boot if len(pos) == len(err) else Resampler(len(pos), resamples, seed + 1, level)
     for l in eval_pass.orders:
         row = {"block": "all", "order": l, **{k: float("nan") for k in MEASURES}}
         rows.append(row)
-        _ablation(row, err[pos], errors(all_blocks[l], eval_pass.target[pos]), sub_boot)
+        _ablation(row, sub_err, errors(all_blocks[l], sub_target), sub_boot)
         row["verdict"] = ""
         force_columns(row, forces, None, l, fboot)
     for resampler in {id(r): r for r in (boot, sub_boot, probe_boot, fboot) if r is not None}.values():

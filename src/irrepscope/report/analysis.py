@@ -298,13 +298,13 @@ threshold {result['threshold']:.3g} (fraction of the model's MAE).</p>
 {html.escape(result.get('baseline_rule', 'composition baseline'))}, on the same molecules:</p>{_table([metrics], list(metrics))}
 <p>The run's test.json:</p>{test_html}
 <h2>Usage</h2>
-<p><b>ablation_delta_mae_ev</b>: MAE with the order zeroed after that block minus the model's MAE (block "all": after every block,
-on {result['ablation_molecules']} molecules; the primary measure). <b>grad_x_input</b>: per atom, sum over copies of |&lt;dpred/dx, x&gt;|
-(rotation invariant). <b>norm_share</b>: share of the squared feature norm (atoms / pooled molecules). <b>probe_r2</b>: ridge probe
+<p><b>ablation_delta_mae_ev</b>: MAE with the order zeroed after that block minus the model's MAE (block "all": after every block;
+the primary measure), on a seeded subset of {result['ablation_molecules']} of the analysed molecules, like <b>grad_x_input</b>: per atom,
+sum over copies of |&lt;dpred/dx, x&gt;| (rotation invariant). <b>norm_share</b>: share of the squared feature norm (atoms / pooled molecules). <b>probe_r2</b>: ridge probe
 of the target from the order's invariant graph features at that block, fit on {result['probe_molecules']} training molecules.
 <b>ablation_delta_rel</b>: that over the model's MAE on the same molecules.
 <b>verdict</b>: unused when the whole interval of ablation_delta_rel lies below {result['threshold']:.0%} (the model's MAE on the
-molecules the effect was measured on; all-blocks rows: the {result['ablation_molecules']} ablation molecules), used when it lies
+molecules the effect was measured on: the {result['ablation_molecules']} ablation molecules), used when it lies
 at or above it, <b>uncertain</b> when it straddles it: these molecules cannot tell, and such an order is not pruned.
 {html.escape(_interval_note(result))}
 {'<b>force_delta_mae</b>: force MAE per component (eV/&Aring;) with the order zeroed, forces recomputed through the model, minus the model&#39;s, on the ablation structures; <b>force_verdict</b> likewise against the force MAE. Against the model itself (no labels needed): <b>energy_change_per_atom</b>, mean |&Delta;E| per atom (eV), <b>force_change</b>, mean |&Delta;F| per component (eV/&Aring;), and <b>force_change_rel</b>, that over the model&#39;s mean |F|.' if _has_forces(result) else ''}
