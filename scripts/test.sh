@@ -4,4 +4,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/venv.sh"
 cd "$ROOT"
-exec python -m pytest -q "$@"
+# Two workers of one thread each (pytest-xdist): on 2 cores the suite's serial parts (imports,
+# PHATE, the CLI's subprocesses, data loading) overlap instead of leaving a core idle.
+# IRREPSCOPE_TEST_WORKERS=0 runs it in one process.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec python -m pytest -q -n "${IRREPSCOPE_TEST_WORKERS:-2}" "$@"
