@@ -209,8 +209,7 @@ def analyze_model(
         "model_mae": boot.ratio(err),
         "baseline_mae": boot.ratio(base_err),
         "mae_ratio_to_baseline": boot.ratio(err, base_err),
-        # (the ablation subset's resamples in usage_rows: the whole split's when it is the whole split)
-        "ablation_model_mae": (boot if len(abl_pos) == len(err) else Resampler(len(abl_pos), resamples, seed + 1, level)).ratio(err[abl_pos]),
+        "ablation_model_mae": usage.ablation_resampler(boot, len(abl_pos), resamples, seed, level).ratio(err[abl_pos]),
     }
     if forces is not None:
         fboot = Resampler(len(forces.indices), resamples, seed + 3, level)

@@ -187,7 +187,7 @@ def usage_rows(
     boot = Resampler(len(err), resamples, seed, level)
     pos = eval_pass.gradient_positions
     sub_err, sub_target = err[pos], eval_pass.target[pos]
-    sub_boot = boot if len(pos) == len(err) else Resampler(len(pos), resamples, seed + 1, level)
+    sub_boot = ablation_resampler(boot, len(pos), resamples, seed, level)
     for l, ablated in all_blocks.items():
         if len(ablated) != len(pos):
             raise IrrepscopeError(f"the all-blocks ablation of l={l} has {len(ablated)} molecules, the ablation subset {len(pos)}")
@@ -232,6 +232,12 @@ def usage_rows(
         resampler.resolve()
     _verdicts(rows, threshold, forces is not None and forces.labelled)
     return rows
+
+
+def ablation_resampler(boot: Resampler, n: int, resamples: int, seed: int, level: float) -> Resampler:
+    """The resampler of the ablation subset of ``n`` molecules: the evaluated molecules' own ``boot`` when the
+    subset is all of them (so that its numbers pair with theirs), else one of its own (seed + 1)."""
+    return boot if n == boot.n else Resampler(n, resamples, seed + 1, level)
 
 
 def errors(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
