@@ -166,20 +166,22 @@ def main() -> None:
         cell = lambda v: f"{v:9.1f}s" if v is not None else f"{'-':>10}"  # noqa: E731
         print(f"{stage:>22} {cell(a)} {cell(b)} {ratio:>7}")
     print(f"({new['molecules']} molecules, {args.threads} threads, one after the other; report writing not included)")
-    # Numbers measured on different molecules by the two runs are not compared: the ablations where the counts
-    # differ or the per-block ones moved to the subset, the probes where they were fit on different molecules.
-    moved = new.get("per_block_subset") and not old.get("per_block_subset") and new["ablation_molecules"] < new["molecules"]
+    # Numbers measured on different molecules by the two runs are not compared: the per-block ablations where
+    # they ran on different molecules (all of them, or ablation subsets of different sizes), the all-blocks ones
+    # where the subsets differ, the probes where they were fit on different molecules.
+    per_block = [r["ablation_molecules"] if r.get("per_block_subset") else r["molecules"] for r in (old, new)]
+    moved = per_block[0] != per_block[1]
     skip = {("block", k) for k in SUBSET} if moved else set()
     if old["ablation_molecules"] != new["ablation_molecules"]:
-        skip |= {("all", "ablation_delta_mae_ev")} | ({("block", k) for k in SUBSET} if new.get("per_block_subset") else set())
+        skip.add(("all", "ablation_delta_mae_ev"))
     if old.get("probe_molecules") != new["probe_molecules"]:
-        skip |= {("block", "probe_r2")}
+        skip.add(("block", "probe_r2"))
     compared = [f"{w}:{k}" for w in ("block", "all") for k in SAME if (w, k) not in skip]
     print(f"ablation molecules {old['ablation_molecules']} vs {new['ablation_molecules']}, probes fit on "
           f"{old.get('probe_molecules')} vs {new['probe_molecules']}; compared on the same molecules: {', '.join(compared)}")  # fmt: skip
     print(f"largest relative difference of the usage numbers both compute on the same molecules: "
           f"{_largest_difference(old['rows'], new['rows'], skip):.2e}; model MAE {old['model_mae']:.6g} vs {new['model_mae']:.6g}")  # fmt: skip
-    if moved:
+    if moved and per_block[0] == new["molecules"]:  # the previous revision measured them on every molecule
         print(_subset_cost(old["rows"], new["rows"]))
     for name in new["maps"]:
         a, b = old["maps"].get(name, {}), new["maps"][name]
