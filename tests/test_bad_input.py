@@ -10,7 +10,7 @@ from ase import Atoms
 from ase.io import write
 
 from helpers import one_line_error, run_cli as cli
-from irrepscope.config import ModelConfig, config_from_dict
+from irrepscope.config import ModelConfig
 from irrepscope.errors import IrrepscopeError
 from irrepscope.model.network import build_model
 

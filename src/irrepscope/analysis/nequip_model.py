@@ -32,8 +32,6 @@ compiled models (``.nequip.pth``, ``.pt2``) have no submodules to hook and are r
 from __future__ import annotations
 
 import contextlib
-import os
-import random
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +44,7 @@ from e3nn import o3
 from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, hooked_outputs
 from irrepscope.data.structures import Structures, refuse_periodic
 from irrepscope.errors import IrrepscopeError
+from irrepscope.process_state import environ_restored, numerics_restored
 
 NODE_FEATURES = "node_features"
 TOTAL_ENERGY = "total_energy"
@@ -69,11 +68,6 @@ def preserved_global_state() -> Iterator[None]:
     """Restore everything ``set_global_state()`` changes: default dtype, RNGs, env, e3nn and torch settings."""
     import e3nn
 
-    dtype = torch.get_default_dtype()
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    np_rng, py_rng = np.random.get_state(), random.getstate()
-    env = {k: os.environ.get(k) for k in _ENV_KEYS}
     e3nn_opts = e3nn.get_optimization_defaults()
     sharing = torch.multiprocessing.get_sharing_strategy()
     dyn = torch._dynamo.config
@@ -84,19 +78,9 @@ def preserved_global_state() -> Iterator[None]:
         torch.jit.set_fusion_strategy(fusion)  # set_* returns the previous strategy: put it back
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
-        yield
+        with environ_restored(_ENV_KEYS), numerics_restored():
+            yield
     finally:
-        torch.set_default_dtype(dtype)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        np.random.set_state(np_rng)
-        random.setstate(py_rng)
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         e3nn.set_optimization_defaults(**e3nn_opts)
         torch.multiprocessing.set_sharing_strategy(sharing)
         dyn.capture_dynamic_output_shape_ops, dyn.capture_scalar_outputs = dyn_flags

@@ -46,6 +46,7 @@ from irrepscope.atomic import atomic_write, atomic_write_json, atomic_write_text
 from irrepscope.data.md import MDSettings, langevin_positions
 from irrepscope.data.structures import QM9_INDEX, Structures
 from irrepscope.errors import IrrepscopeError, shorten
+from irrepscope.process_state import environ_restored
 
 METHOD = "GFN2-xTB"
 FORMAT_VERSION = 1
@@ -400,17 +401,9 @@ def _run_all(
 
     # Spawned workers copy the environment when they start: one thread per worker from their first import on.
     # (A ProcessPoolExecutor, not a Pool: a worker that dies or cannot start is an error, not a silent respawn.)
-    saved = {k: os.environ.get(k) for k in _ONE_THREAD_ENV}
-    os.environ.update(_ONE_THREAD_ENV)
-    try:
+    with environ_restored((), set_to=_ONE_THREAD_ENV):
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         futures = [pool.submit(_sample_molecule, task) for task in tasks]  # starts the workers
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         for future in as_completed(futures):
             yield future.result()

@@ -36,7 +36,6 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
