@@ -18,6 +18,7 @@ from collections.abc import Collection
 import torch
 from e3nn import o3
 
+from irrepscope.compat import quiet_e3nn
 from irrepscope.data.batching import Batch
 from irrepscope.model.interaction import EdgeGeometry, InteractionBlock
 from irrepscope.model.network import EquivariantGraphConv
@@ -58,18 +59,19 @@ class RestrictedBlock(torch.nn.Module):
                 instructions.append((index_in[l1], ins.i_in2, index_out[l3], ins.connection_mode, ins.has_weight, ins.path_weight**2))
                 columns.extend(range(offset, offset + n))
             offset += n
-        self.tp = o3.TensorProduct(
-            self.irreps_in,
-            tp.irreps_in2,
-            self.irreps_out,
-            instructions,
-            irrep_normalization="none",
-            path_normalization="none",
-            shared_weights=False,
-            internal_weights=False,
-            # e3nn's code generation is the slow part of building a product; the fast backend never calls it.
-            compile_left_right=block.backend != "fast",
-        )
+        with quiet_e3nn():
+            self.tp = o3.TensorProduct(
+                self.irreps_in,
+                tp.irreps_in2,
+                self.irreps_out,
+                instructions,
+                irrep_normalization="none",
+                path_normalization="none",
+                shared_weights=False,
+                internal_weights=False,
+                # e3nn's code generation is the slow part of building a product; the fast backend never calls it.
+                compile_left_right=block.backend != "fast",
+            )
         # The radial MLP with only the surviving paths' output columns (e3nn's layer scale
         # depends on its input width only, so slicing the weight is exact).
         self.fc = copy.deepcopy(block.fc)

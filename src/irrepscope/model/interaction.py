@@ -14,6 +14,7 @@ import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet
 
+from irrepscope.compat import quiet_e3nn
 from irrepscope.errors import IrrepscopeError
 from irrepscope.orders import hidden_irreps, sh_irreps
 
@@ -69,10 +70,11 @@ class InteractionBlock(torch.nn.Module):
         self.irreps_out = hidden_irreps(orders, mul)
         self.aggregation_norm = aggregation_norm
         self.residual = self.irreps_in == self.irreps_out
-        self.tp = o3.FullyConnectedTensorProduct(
-            self.irreps_in, self.irreps_sh, self.irreps_out, shared_weights=False, internal_weights=False
-        )
-        self.fc = FullyConnectedNet([num_basis, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu)
+        with quiet_e3nn():
+            self.tp = o3.FullyConnectedTensorProduct(
+                self.irreps_in, self.irreps_sh, self.irreps_out, shared_weights=False, internal_weights=False
+            )
+            self.fc = FullyConnectedNet([num_basis, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu)
         self._fast = None
         self.backend = "e3nn"
         self.set_backend(backend)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from e3nn import o3
 
+from irrepscope.compat import quiet_e3nn
 from irrepscope.config import Config, ModelConfig
 from irrepscope.model.interaction import EdgeGeometry, InteractionBlock
 from irrepscope.model.radial import bessel_basis
@@ -75,10 +76,11 @@ class EquivariantGraphConv(torch.nn.Module):
             blocks.append(block)
             irreps_in = block.irreps_out
         self.blocks = torch.nn.ModuleList(blocks)
-        self.readout = o3.Linear(self.irreps_hidden, self.output)
         # Multi-task: one more linear head per auxiliary vector/tensor target, on the same last block.
         auxiliary = dict(auxiliary or {})
-        self.auxiliary_heads = torch.nn.ModuleDict({name: o3.Linear(self.irreps_hidden, ir) for name, ir in auxiliary.items()})
+        with quiet_e3nn():
+            self.readout = o3.Linear(self.irreps_hidden, self.output)
+            self.auxiliary_heads = torch.nn.ModuleDict({name: o3.Linear(self.irreps_hidden, ir) for name, ir in auxiliary.items()})
         self.register_buffer("auxiliary_std", torch.ones(len(auxiliary)))
         # Affine rescale of the standardised output; set from the training split's statistics.
         self.register_buffer("target_mean", torch.zeros(()))
