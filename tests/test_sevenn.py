@@ -241,7 +241,7 @@ def test_potential_cli_with_labels_and_bad_input(tmp_path, capsys):
     cases = [
         (["analyze", "7net-0"], "needs --structures"),
         (["analyze", "7net-0", "--structures", str(tmp_path / "none.extxyz")], "no such structure file"),
-        (["analyze", "7net-0", "--structures", str(path), "--molecules", "x"], "are for NequIP models"),
+        (["analyze", "7net-0", "--structures", str(path), "--molecules", "x"], "are for NequIP and MACE models"),
         (["analyze", str(tmp_path), "--structures", str(path)], "--structures is for SevenNet models"),
         (["analyze", "7net-0", "--structures", str(path), "--force-threshold", "nan"], "finite number"),
         (["analyze", "7net-mf-0", "--structures", str(path), "--out", str(tmp_path / "mf")], "give a modal"),

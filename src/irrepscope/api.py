@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,12 +197,6 @@ def analyze_nequip(
     split: str = "test",
     max_molecules: int | None = None,
     out: str | Path | None = None,
-    *,
-    train_molecules: str | Path | None = None,
-    energy_key: str = "energy",
-    forces_key: str = "forces",
-    seed: int = 0,
-    progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Analyse a trained NequIP model (``.ckpt`` or ``.nequip.zip``) on QM9 with a run's split, or on a structure file.
@@ -213,10 +208,50 @@ def analyze_nequip(
     force-trained model, the forces under ``forces_key``: then the forces are analysed too). A file needs
     ``train_molecules``, the file the model was trained on: the composition baseline and
     the probes are fitted on it, never on the analysed molecules. Writes ``out`` (default:
-    ``analysis/`` beside the model) like ``analyze_run``; ``options`` are
+    ``analysis/`` beside the model) like ``analyze_run``; the other ``options`` are
     :func:`analyze_model`'s.
     """
     from irrepscope.analysis.nequip_model import NequIPModel
+
+    return _analyze_model_file(NequIPModel.load, "NequIP", model_path, molecules, split, max_molecules, out, **options)
+
+
+def analyze_mace(
+    model_path: str | Path,
+    molecules: str | Path,
+    split: str = "test",
+    max_molecules: int | None = None,
+    out: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Analyse a trained MACE model (``NAME.model`` from ``mace_run_train``) like :func:`analyze_nequip`.
+
+    The same ``molecules``: a run directory (its split and target; ``irrepscope export``
+    wrote its molecules for ``mace_run_train``) or a structure file with ``train_molecules``.
+    Needs ``irrepscope[mace]`` in MACE's environment (e3nn 0.4.4).
+    """
+    from irrepscope.analysis.mace_model import MaceModel
+
+    return _analyze_model_file(MaceModel.load, "MACE", model_path, molecules, split, max_molecules, out, **options)
+
+
+def _analyze_model_file(
+    load: Callable[[Path], AnalysedModel],
+    family: str,
+    model_path: str | Path,
+    molecules: str | Path,
+    split: str = "test",
+    max_molecules: int | None = None,
+    out: str | Path | None = None,
+    *,
+    train_molecules: str | Path | None = None,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Another code's trained energy model (loaded by ``load``) on a run's split or a structure file; writes ``out``."""
     from irrepscope.data.xyz import read_extxyz
     from irrepscope.report.analysis import refuse_foreign_files, write_analysis
 
@@ -226,7 +261,7 @@ def analyze_nequip(
     with lock_output(out_dir, "irrepscope analyze"):
         recover_directory(out_dir)
         refuse_foreign_files(out_dir)  # before the work, not after it
-        model = NequIPModel.load(model_path)
+        model = load(model_path)
         pins = None
         if Path(molecules).is_dir():
             if train_molecules is not None:
@@ -235,7 +270,7 @@ def analyze_nequip(
             run.check_checkpoints()  # they were trained on this split
             config = run.load_config()
             if unit_of(config.data.target) != "eV":
-                raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which NequIP predicts")
+                raise IrrepscopeError(f"{run.root}'s target {config.data.target} is not an energy in eV, which {family} predicts")
             if not run.split.is_file():
                 raise IrrepscopeError(f"{run.root} has no split.json")
             splits = load_split(run.split)
@@ -260,7 +295,7 @@ def analyze_nequip(
         result = {"run": str(model_path), "split": split, "checkpoint": Path(model_path).name, "molecules": source, **result}
         if pins is not None:
             result["pins"] = pins
-        text = f"NequIP model {model_path}\nlayers: {model.block_names}\nirreps: {[str(i) for i in model.block_irreps]}\n"
+        text = f"{family} model {model_path}\nlayers: {model.block_names}\nirreps: {[str(i) for i in model.block_irreps]}\n"
         return write_analysis(out_dir, result, text, None, progress=progress, started=t0)
 
 
@@ -361,6 +396,6 @@ def analyze_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = True) -> i
 
 
 __all__ = [
-    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_model", "analyze_nequip", "analyze_run", "analyze_sevenn",
-    "analyze_sweep", "load_run",
+    "AnalysedModel", "OwnModel", "Run", "analyze", "analyze_mace", "analyze_model", "analyze_nequip", "analyze_run",
+    "analyze_sevenn", "analyze_sweep", "load_run",
 ]  # fmt: skip

@@ -273,14 +273,14 @@ def _order_list(value: str | None) -> list[int] | None:
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--molecules", type=click.Path(), default=None,
-              help="For a NequIP model (.ckpt/.nequip.zip): the irrepscope run whose saved split and target to use, "
+              help="For a NequIP (.ckpt/.nequip.zip) or MACE (.model) model: the irrepscope run whose saved split and target to use, "
                    "or a structure file (extxyz) with energies.")
 @click.option("--train-molecules", type=click.Path(dir_okay=False), default=None,
               help="With a structure file: the file the model was trained on (composition baseline and probes are fit on it).")
 @click.option("--energy-key", default="energy", show_default=True, help="With structure files: the frames' energy key (eV).")
 @click.option("--forces-key", default="forces", show_default=True, help="With structure files: the frames' forces key (eV/Å), where present.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="For a NequIP or SevenNet model: where to write [default: analysis/ beside the model; runs/sevenn/NAME/analysis].")
+              help="For a NequIP, MACE or SevenNet model: where to write [default: analysis/ beside the model; runs/sevenn/NAME/analysis].")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--max-molecules", type=int, default=None, callback=_count,
               help="Analyse a seeded random subset of N molecules of the split (SevenNet: at most N of each --structures).")
@@ -332,12 +332,14 @@ def analyze(
 ) -> None:
     """Measure which orders a trained run uses; write RUN_DIR/analysis/ (usage.csv, usage.json, plots, report.html).
 
-    RUN_DIR may also be a trained NequIP model (.ckpt or .nequip.zip) with --molecules RUN, or with
-    --molecules FILE.extxyz --train-molecules TRAIN.extxyz; or a SevenNet model (a pretrained name
+    RUN_DIR may also be a trained NequIP model (.ckpt or .nequip.zip) or MACE model (.model, in MACE's
+    environment) with --molecules RUN, or with --molecules FILE.extxyz --train-molecules TRAIN.extxyz; or a SevenNet model (a pretrained name
     such as 7net-0, or a .pth checkpoint) with --structures FILE|SET, measured against itself.
     """
+    from irrepscope.analysis.mace_model import SUFFIX as MACE_SUFFIX
+    from irrepscope.analysis.mace_model import is_mace_model
     from irrepscope.analysis.sevenn_model import is_sevenn_model
-    from irrepscope.api import analyze_nequip, analyze_run, analyze_sevenn
+    from irrepscope.api import analyze_mace, analyze_nequip, analyze_run, analyze_sevenn
 
     sevenn_only = {"--structures": bool(structures), "--modal": modal is not None,
                    "--energy-threshold": energy_threshold is not None, "--force-threshold": force_threshold is not None}  # fmt: skip
@@ -345,7 +347,7 @@ def analyze(
         if not structures:
             raise IrrepscopeError(f"analysing SevenNet model {run_dir} needs --structures FILE|SET (e.g. crystals, qm9_xtb)")
         if molecules is not None or train_molecules is not None or energy_key != "energy":
-            raise IrrepscopeError("--molecules, --train-molecules and --energy-key are for NequIP models; SevenNet takes --structures")
+            raise IrrepscopeError("--molecules, --train-molecules and --energy-key are for NequIP and MACE models; SevenNet takes --structures")
         result = analyze_sevenn(
             run_dir, list(structures), out, modal=modal, forces_key=forces_key, max_structures=max_molecules, orders=_order_list(orders),
             batch_size=batch_size or 8, progress=not quiet, resamples=resamples, level=level,
@@ -365,13 +367,14 @@ def analyze(
     if given:
         raise IrrepscopeError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for SevenNet models (7net-0, ..., or a .pth checkpoint)")
     batch_size = batch_size or BATCH_SIZE
-    if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2")):
+    if Path(run_dir).is_file() or run_dir.endswith((".ckpt", ".zip", ".pth", ".pt2", MACE_SUFFIX)):
+        family, analyze_file = ("MACE", analyze_mace) if is_mace_model(run_dir) else ("NequIP", analyze_nequip)
         if molecules is None:
             raise IrrepscopeError(
-                "analysing a NequIP model needs --molecules RUN_DIR (the run whose split and target to use) "
+                f"analysing a {family} model needs --molecules RUN_DIR (the run whose split and target to use) "
                 "or --molecules FILE.extxyz --train-molecules TRAIN.extxyz"
             )
-        result = analyze_nequip(
+        result = analyze_file(
             run_dir, molecules, split, max_molecules, out, train_molecules=train_molecules, energy_key=energy_key, forces_key=forces_key,
             embedding=embedding, orders=_order_list(orders),
             map_molecules=map_molecules, probe_molecules=probe_molecules, ablation_molecules=ablation_molecules,
@@ -384,7 +387,7 @@ def analyze(
         return
     if molecules is not None or out is not None or train_molecules is not None or (energy_key, forces_key) != ("energy", "forces"):
         raise IrrepscopeError(
-            "--molecules, --train-molecules, --out, --energy-key and --forces-key are for NequIP models (a run reads its "
+            "--molecules, --train-molecules, --out, --energy-key and --forces-key are for NequIP and MACE models (a run reads its "
             "own data.source with its own keys); a run is analysed into RUN_DIR/analysis/"
         )
     result = analyze_run(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,21 @@ def hooked_outputs(blocks: Sequence[torch.nn.Module], hook: NodeHook | None, key
     finally:
         for h in handles:
             h.remove()
+
+
+def known_atoms(mols: Structures, i: int, elements: Collection[int], model_name: str):
+    """Structure ``i`` as ASE Atoms (cell and pbc where it is periodic) for another code's graph builder, after
+    refusing by name any element that ``model_name`` (which knows ``elements``) was not trained on."""
+    import ase
+
+    from irrepscope.errors import IrrepscopeError
+
+    z, pos = mols.structure(int(i))
+    missing = sorted({int(a) for a in z} - set(elements))
+    if missing:
+        raise IrrepscopeError(f"structure {int(i)}: elements {missing} are unknown to {model_name}")
+    periodic = mols.pbc is not None and bool(mols.pbc[i].any())
+    return ase.Atoms(numbers=z, positions=pos, cell=mols.cell[i] if periodic else None, pbc=mols.pbc[i] if periodic else False)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from e3nn import o3
 
-from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, hooked_outputs
+from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, hooked_outputs, known_atoms
 from irrepscope.data.structures import Structures
 from irrepscope.errors import IrrepscopeError
 
@@ -150,7 +150,6 @@ class SevenNetModel(AnalysedModel):
 
     def batch_of(self, mols: Structures, indices: np.ndarray) -> ModelBatch:
         """``mols[indices]`` as one torch_geometric batch of SevenNet graphs (its own builder; periodic images where a cell is)."""
-        import ase
         import sevenn._keys as KEY
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
@@ -158,13 +157,7 @@ class SevenNetModel(AnalysedModel):
 
         graphs = []
         for i in np.asarray(indices, dtype=np.int64):
-            z, pos = mols.structure(int(i))
-            missing = sorted({int(a) for a in z} - set(self.type_map))
-            if missing:
-                raise IrrepscopeError(f"structure {int(i)}: elements {missing} are unknown to SevenNet model {self.name}")
-            periodic = mols.pbc is not None and bool(mols.pbc[i].any())
-            atoms = ase.Atoms(numbers=z, positions=pos, cell=mols.cell[i] if periodic else None,
-                              pbc=mols.pbc[i] if periodic else False)  # fmt: skip
+            atoms = known_atoms(mols, i, self.type_map, f"SevenNet model {self.name}")
             graph = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, self.cutoff))
             if self.modal is not None:
                 graph[KEY.DATA_MODALITY] = self.modal
