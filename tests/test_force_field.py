@@ -9,7 +9,8 @@ import pytest
 import irrepscope as irs
 from helpers import one_line_error, run_cli as cli
 from irrepscope.analysis.own_model import OwnModel
-from irrepscope.data.export import export_split
+from irrepscope.data.composition import fit_composition
+from irrepscope.data.export import export_split, mace_e0s
 from irrepscope.data.split import load_split
 from irrepscope.data.structures import FORCES
 from irrepscope.data.xtb_md import sample_md
@@ -142,6 +143,19 @@ def test_extxyz_round_trips_energies_and_forces(xtb_file, tmp_path):
     np.testing.assert_array_equal(again.atom_properties["forces"], structures.subset(both).atom_properties["forces"])
     np.testing.assert_array_equal(again.positions, structures.subset(both).positions)
     np.testing.assert_array_equal(again.properties["qm9_index"], structures.properties["qm9_index"][both])
+    # the same labels under MACE's keys, and MACE's E0s: the composition fit on the training split
+    mace, _ = read_extxyz([tmp_path / "train.extxyz", tmp_path / "test.extxyz"], energy_key="REF_energy", forces_key="REF_forces")
+    np.testing.assert_array_equal(mace.properties["energy"], again.properties["energy"])
+    np.testing.assert_array_equal(mace.atom_properties["forces"], again.atom_properties["forces"])
+    e0s = json.loads((tmp_path / "mace_E0s.json").read_text())
+    fit = fit_composition(structures, split["train"], "energy")
+    present = np.unique(structures.subset(np.arange(90)).atomic_numbers)  # train and val: MACE's element table
+    assert e0s == {str(z): fit.per_element[z] for z in present} and fit.n_fit == 60
+    meta = json.loads((tmp_path / "export.json").read_text())["mace"]
+    assert meta["energy_key"] == "REF_energy" and meta["forces_key"] == "REF_forces" and meta["E0s"] == "mace_E0s.json"
+    assert "60 training structures" in meta["E0s_rule"]
+    e0s, why = mace_e0s(structures, split, "homo")  # an intensive target has no per-element energies
+    assert e0s is None and "not extensive" in why
 
 
 def write_frames(path, frames_spec, xtb_file):

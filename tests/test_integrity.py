@@ -364,7 +364,8 @@ def _analysis_whole(folder: Path) -> float:
 
 
 def _export_whole(folder: Path, runs) -> None:
-    """An export directory is whole: its three files are the split of the run its export.json names."""
+    """An export directory is whole: its three files are the split of the run its export.json names, its E0s their fit."""
+    from irrepscope.data.composition import fit_composition
     from irrepscope.data.xyz import read_extxyz
 
     meta = json.loads((folder / "export.json").read_text())
@@ -372,6 +373,10 @@ def _export_whole(folder: Path, runs) -> None:
     for name in ("train", "val", "test"):
         mols, _ = read_extxyz([folder / f"{name}.extxyz"])
         assert sorted(mols.properties["index"].astype(int).tolist()) == split[name], (name, meta["run"])
+    train, _ = read_extxyz([folder / "train.extxyz"], energy_key="energy")  # MACE's E0s: fitted on this train set
+    e0s = json.loads((folder / "mace_E0s.json").read_text())
+    fit = fit_composition(train, np.arange(len(train)), "energy").per_element
+    assert e0s == pytest.approx({z: fit[int(z)] for z in e0s})
 
 
 def _no_leftovers(folder: Path) -> None:
@@ -481,7 +486,7 @@ def test_outputs_never_delete_what_they_did_not_write(run, tmp_path, capsys, mon
     empty.mkdir()
     monkeypatch.chdir(empty)
     assert cli("export", str(run), "--out", ".") == 0
-    assert sorted(p.name for p in empty.iterdir()) == ["export.json", "test.extxyz", "train.extxyz", "val.extxyz"]
+    assert sorted(p.name for p in empty.iterdir()) == ["export.json", "mace_E0s.json", "test.extxyz", "train.extxyz", "val.extxyz"]
 
 
 def test_an_interrupted_resume_leaves_a_stale_test_json(run, capsys):
