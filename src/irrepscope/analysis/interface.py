@@ -37,11 +37,14 @@ NodeHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
-def hooked_outputs(blocks: Sequence[torch.nn.Module], hook: NodeHook | None, key: str, copy: bool) -> Iterator[None]:
-    """While the context runs, ``hook(i, out[key])`` on block ``i``'s output mapping replaces its node features.
+def hooked_outputs(
+    blocks: Sequence[torch.nn.Module], hook: NodeHook | None, key: str | None = None, copy: bool = False
+) -> Iterator[None]:
+    """While the context runs, ``hook(i, x)`` on block ``i``'s node features ``x`` replaces them.
 
-    For families whose blocks return a mapping of named tensors (NequIP's dict, SevenNet's
-    data object): ``copy`` puts a changed entry into a copy of the mapping (one the caller
+    ``key=None``: the block returns the node features themselves (MACE's products). Otherwise
+    it returns a mapping of named tensors (NequIP's dict, SevenNet's data object) holding them
+    under ``key``: ``copy`` puts a changed entry into a copy of the mapping (one the caller
     may still hold), else into the mapping itself. Without a hook nothing is registered.
     """
     handles = []
@@ -49,10 +52,12 @@ def hooked_outputs(blocks: Sequence[torch.nn.Module], hook: NodeHook | None, key
         for i, block in enumerate(blocks):
 
             def replace(module, inputs, out, i=i):
-                x = out[key]
+                x = out if key is None else out[key]
                 y = hook(i, x)
                 if y is x:
                     return None  # a forward hook returning None keeps the block's output
+                if key is None:
+                    return y
                 out = dict(out) if copy else out
                 out[key] = y
                 return out

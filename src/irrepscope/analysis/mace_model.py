@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from e3nn import o3
 
-from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, known_atoms
+from irrepscope.analysis.interface import AnalysedModel, ModelBatch, NodeHook, hooked_outputs, known_atoms
 from irrepscope.compat import quiet_e3nn
 from irrepscope.data.structures import Structures
 from irrepscope.errors import IrrepscopeError
@@ -159,15 +159,8 @@ class MaceModel(AnalysedModel):
         """MACE's forward pass on a fresh dict of the batch (it marks positions as requiring grad), hooks on the products."""
         data = batch.inputs.to_dict()
         data["positions"] = data["positions"].detach().clone()
-        handles = []
-        if hook is not None:
-            for i, product in enumerate(self.model.products):
-                handles.append(product.register_forward_hook(lambda module, args, out, i=i: hook(i, out)))
-        try:
+        with hooked_outputs(self.model.products, hook):
             return self.model(data, training=False, compute_force=forces)
-        finally:
-            for h in handles:
-                h.remove()
 
     def forward(self, batch: ModelBatch, hook: NodeHook | None = None) -> torch.Tensor:
         return self._run(batch, hook, forces=False)["energy"].reshape(-1)
