@@ -9,9 +9,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # Two workers of one thread each (pytest-xdist): on 2 cores the suite's serial parts (imports,
 # PHATE, the CLI's subprocesses, data loading) overlap instead of leaving a core idle.
-# IRREPSCOPE_TEST_WORKERS=0 runs it in one process.
+# IRREPSCOPE_TEST_WORKERS=0 runs it in one process. --dist loadgroup: the Ray tests share one worker
+# (and one Ray cluster); the rest are spread as usual.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-WORKERS=(-n "${IRREPSCOPE_TEST_WORKERS:-2}")
+WORKERS=(-n "${IRREPSCOPE_TEST_WORKERS:-2}" --dist loadgroup)
 E3NN_TESTS=(tests/test_e3nn_versions.py tests/test_mace.py tests/test_fast_tp.py tests/test_model.py tests/test_forces.py
             tests/test_interface.py tests/test_analysis.py
             --deselect "tests/test_analysis.py::test_phate_and_umap_maps_keep_structure")  # maps: no e3nn in them

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Create or reuse a virtual environment and install irrepscope into it. Sourced by scripts/demo.sh
 # and scripts/test.sh. Two environments (e3nn has two camps, see README "Two environments"):
-#   .venv       (default): the optional extras the tests use, nequip, tblite and sevenn (e3nn 0.6);
+#   .venv       (default): the optional extras the tests use, nequip, tblite, sevenn and ray (e3nn 0.6);
 #   .venv-mace  (IRREPSCOPE_ENV=mace): MACE with its pin e3nn 0.4.4, and tblite.
 # Reinstalls only when pyproject.toml, the constraints or the extras change. torch is pinned to the
 # CPU build on the machines' disk (constraints/dev.txt).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${IRREPSCOPE_ENV:-main}" in
-    main) VENV="${IRREPSCOPE_VENV:-$ROOT/.venv}"; EXTRAS="test,nequip,xtb,sevenn"; CONSTRAINTS=("$ROOT/constraints/dev.txt") ;;
+    main) VENV="${IRREPSCOPE_VENV:-$ROOT/.venv}"; EXTRAS="test,nequip,xtb,sevenn,ray"; CONSTRAINTS=("$ROOT/constraints/dev.txt") ;;
     mace) VENV="${IRREPSCOPE_MACE_VENV:-$ROOT/.venv-mace}"; EXTRAS="test,xtb,mace"
           CONSTRAINTS=("$ROOT/constraints/dev.txt" "$ROOT/constraints/mace.txt") ;;
     *) echo "error: IRREPSCOPE_ENV must be main or mace, got ${IRREPSCOPE_ENV}" >&2; exit 2 ;;

@@ -320,9 +320,9 @@ def test_sweep_device_is_refused_at_once(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_two_sweeps_of_different_budgets_on_one_directory(tmp_path, capsys):
-    from irrepscope.sweeps.runner import sweep_session
-    from irrepscope.sweeps.spec import load_sweep
+def test_a_second_driver_on_one_sweep_directory_is_refused(tmp_path, capsys):
+    from irrepscope.sweeps.runner import lock_sweep
+    from irrepscope.training.runs import RunDir
 
     def sweep_file(epochs):
         path = tmp_path / f"e{epochs}.yaml"
@@ -331,14 +331,15 @@ def test_two_sweeps_of_different_budgets_on_one_directory(tmp_path, capsys):
         return path
 
     out = tmp_path / "out"
-    with sweep_session(load_sweep(sweep_file(1)), out):  # a sweep of 1 epoch is working here
-        p = irrepscope("sweep", str(sweep_file(2)), "--out", str(out), "--quiet")
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2 and "another spec" in err, err
-        p = irrepscope("sweep", str(sweep_file(1)), "--out", str(out), "--quiet")  # the same spec joins
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    assert not (out / ".sweep.lock").exists()  # the last one out removes it
+    with lock_sweep(out):  # a driver is working here (this process): any second one is refused, same spec or not
+        for epochs in (1, 2):
+            p = irrepscope("sweep", str(sweep_file(epochs)), "--out", str(out), "--quiet")
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 2 and err.strip().startswith("error: ") and "\n" not in err.strip(), err
+            assert "is being written by irrepscope sweep" in err
+        assert not list(out.glob("runs"))  # nothing trained by the refused drivers
+    assert not (out / ".sweep.lock").exists()  # removed by the driver on its way out
+    assert cli("sweep", str(sweep_file(1)), "--out", str(out), "--quiet") == 0
     # Alone, a sweep of more epochs extends the runs, and --analyze redoes their now stale analyses.
     from irrepscope.api import analysis_current
 
@@ -347,6 +348,7 @@ def test_two_sweeps_of_different_budgets_on_one_directory(tmp_path, capsys):
     assert cli("sweep", str(sweep_file(2)), "--out", str(out), "--quiet", "--analyze") == 0
     assert analysis_current(run_dir)
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    assert [s["start_epoch"] for s in RunDir.at(run_dir).read_sessions()] == [0, 1]  # extended, not retrained
 
 
 # -- randomized kill -9 of analyze, export and prune -------------------------------------------

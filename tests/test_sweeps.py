@@ -61,7 +61,7 @@ def test_shipped_sweeps_are_valid():
 def test_resume_after_interruption_repeats_nothing(sweep_file, monkeypatch):
     sweep = load_sweep(sweep_file)
     out = sweep_file.parent / "out"
-    real = runner._execute
+    real = runner.execute_run
     calls = []
 
     def interrupted(spec, run_dir, threads):
@@ -70,7 +70,7 @@ def test_resume_after_interruption_repeats_nothing(sweep_file, monkeypatch):
             raise KeyboardInterrupt  # the machine went away during the third run
         return real(spec, run_dir, threads)
 
-    monkeypatch.setattr(runner, "_execute", interrupted)
+    monkeypatch.setattr(runner, "execute_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         runner.run_sweep(sweep, out, progress=False)
     finished = [r for r in sweep.runs if runner.run_state(out / r.relpath, 2) == "finished"]
@@ -223,90 +223,6 @@ def _one_config_sweep(tmp_path, seeds, extra_set=""):
         f"set:\n  data.limit: 160\n{epochs}  train.max_train_batches: 2\n{extra_set}"
     )
     return path
-
-
-def _write_claim(run_dir, text, age_s):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ".claim").write_text(text)
-    stamp = time.time() - age_s
-    os.utime(run_dir / ".claim", (stamp, stamp))
-
-
-def test_stale_claims_are_taken_over_and_live_ones_listed(tmp_path):
-    path = _one_config_sweep(tmp_path, [0, 1, 2, 3, 4])
-    sweep = load_sweep(path)
-    out = tmp_path / "out"
-    run = {r.seed: out / r.relpath for r in sweep.runs}
-    host = socket.gethostname()
-    _write_claim(run[0], "", 3600)  # killed between creating and writing the claim
-    _write_claim(run[1], "elsewhere:123", 3600)  # another host that died an hour ago
-    _write_claim(run[2], f"{host}:{os.getppid()}", 3600)  # a live process that is not a sweep (pid reused)
-    _write_claim(run[3], "elsewhere:123", 0)  # another host, training now
-    _write_claim(run[4], "", 0)  # being written this instant
-    counts = runner.run_sweep(sweep, out, progress=False)
-    assert counts == {"finished before": 0, "trained": 3, "claimed elsewhere": 2}
-    assert not any((run[s] / ".claim").exists() for s in (0, 1, 2))
-    write_sweep_report(sweep, out)
-    rows = {int(r["seed"]): r for r in csv.DictReader((out / "results.csv").open())}
-    assert sorted(rows) == [0, 1, 2, 3, 4]  # no run goes missing
-    assert [rows[s]["status"] for s in range(5)] == ["finished"] * 3 + ["claimed elsewhere"] * 2
-    assert rows[3]["test_mae_ev"] == ""
-    summary = (out / "summary.md").read_text()
-    assert "3 of 5 runs finished" in summary and f"| {sweep.runs[3].relpath} | claimed elsewhere |" in summary
-
-
-def test_only_one_of_two_processes_takes_over_a_dead_claim(tmp_path, monkeypatch):
-    dead = subprocess.Popen([sys.executable, "-c", ""])
-    dead.wait()
-    run_dir = tmp_path / "run"
-    _write_claim(run_dir, f"{socket.gethostname()}:{dead.pid}", 0)
-    barrier = threading.Barrier(2)
-    real = runner._alive
-
-    def slow_alive(pid):
-        if pid != dead.pid:
-            return real(pid)
-        if barrier.wait(timeout=10) == 0:
-            time.sleep(0.1)  # widen the window: the other process takes over first
-        return False
-
-    monkeypatch.setattr(runner, "_alive", slow_alive)
-    won = [None, None]
-
-    def take(i):
-        won[i] = runner._claim(run_dir)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(bool(w) for w in won) == 1
-    assert (run_dir / ".claim").read_text() == next(w for w in won if w)
-    assert [p.name for p in run_dir.iterdir()] == [".claim"]  # the dead claim was removed
-
-
-def test_claim_heartbeat_while_training(tmp_path, monkeypatch):
-    import irrepscope.training.trainer as trainer
-
-    seen = []
-
-    class SlowTrainer:
-        def __init__(self, config, run_dir, progress=True):
-            self.claim = Path(run_dir) / ".claim"
-
-        def run_training(self, resume=False):
-            os.utime(self.claim, (1, 1))
-            time.sleep(0.5)
-            seen.append(self.claim.stat().st_mtime)
-            return {}
-
-    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.05)
-    monkeypatch.setattr(trainer, "Trainer", SlowTrainer)
-    spec = load_sweep(_one_config_sweep(tmp_path, [0])).runs[0]
-    assert runner._execute(spec, str(tmp_path / "run"), None) == (spec.relpath, "trained")
-    assert seen[0] > time.time() - 60  # refreshed while training
-    assert not (tmp_path / "run" / ".claim").exists()  # released afterwards
 
 
 def test_configuration_names_sharing_a_directory_are_refused(tmp_path):

@@ -174,20 +174,39 @@ def predict(run_dir: str, structures: str, as_json: bool, checkpoint: str) -> No
 @click.option(
     "--analyze", is_flag=True, help="Also analyse every finished run that has no analysis yet (order usage per seed in the summary)."
 )
-def sweep(sweep_file: str, out: str | None, workers: int, device: str | None, quiet: bool, analyze: bool) -> None:
+@click.option("--ray", "use_ray", is_flag=True, help="Train every run as a task on a local Ray cluster started for this sweep.")
+@click.option("--ray-address", default=None, help="Join a running Ray cluster instead (auto, or HOST:PORT of its head).")
+@click.option("--cpus-per-run", type=float, default=1.0, show_default=True, help="With Ray: CPUs each run declares (and its torch threads).")
+@click.option("--gpus-per-run", type=float, default=0.0, show_default=True, help="With Ray: GPUs each run declares; 0.25 packs 4 runs on a GPU.")
+@click.option("--ray-retries", type=int, default=3, show_default=True, help="With Ray: reruns of a run whose worker or node died (each resumes it).")
+def sweep(
+    sweep_file: str, out: str | None, workers: int, device: str | None, quiet: bool, analyze: bool, use_ray: bool,
+    ray_address: str | None, cpus_per_run: float, gpus_per_run: float, ray_retries: int,
+) -> None:  # fmt: skip
     """Run a grid of configurations x seeds; re-running skips finished runs, resumes interrupted ones and retries failed ones.
 
     A failing run (diverged, corrupt checkpoint) does not stop the others: it is listed in the
-    report, and the command exits with status 2 after writing it.
+    report, and the command exits with status 2 after writing it. With --ray or --ray-address
+    every run is a Ray task; a run whose worker dies is retried by Ray and resumed from its
+    last checkpoint. One driver per sweep directory: a second one is refused.
     """
     from irrepscope.report.sweep import write_sweep_report
     from irrepscope.api import analyze_sweep
     from irrepscope.sweeps.runner import run_sweep
     from irrepscope.sweeps.spec import load_sweep
 
+    engine = None
+    if use_ray or ray_address:
+        from irrepscope.sweeps.ray_engine import ray_engine
+
+        if workers != 1:
+            raise IrrepscopeError("--workers is for sweeps without Ray; with Ray, --cpus-per-run sets how many runs share the CPUs")
+        engine = ray_engine(ray_address, cpus_per_run, gpus_per_run, ray_retries)
+    elif (cpus_per_run, gpus_per_run, ray_retries) != (1.0, 0.0, 3):
+        raise IrrepscopeError("--cpus-per-run, --gpus-per-run and --ray-retries need --ray or --ray-address")
     spec = load_sweep(sweep_file, device=device)
     out_dir = Path(out or Path("runs") / "sweeps" / spec.name)
-    counts = run_sweep(spec, out_dir, workers=workers, progress=not quiet)
+    counts = run_sweep(spec, out_dir, workers=workers, progress=not quiet, engine=engine)
     if analyze:
         counts["analysed"] = analyze_sweep(spec, out_dir, progress=not quiet)
     paths = write_sweep_report(spec, out_dir)

@@ -8,8 +8,8 @@ whole), so the kernel releases it when its process ends in any way, kill -9 incl
 lock file left by a dead process is simply taken over. The file is removed on release
 (re-checked after locking, so a racer never holds a lock on a removed file).
 
-On one machine, or on a file system whose ``flock`` spans machines (local disks, NFSv4);
-sweeps shared between hosts additionally claim runs (:mod:`irrepscope.sweeps.runner`).
+On one machine, or on a file system whose ``flock`` spans machines (local disks, NFSv4): a
+sweep's Ray workers on several hosts lock the runs they train in the shared sweep directory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -38,13 +39,14 @@ class DirectoryLock:
 
     def __init__(
         self, lock_file: str | os.PathLike, directory: str | os.PathLike, command: str, create: bool = True,
-        cleanup: Callable[[], object] | None = None,
+        cleanup: Callable[[], object] | None = None, wait_s: float = 0.0,
     ) -> None:  # fmt: skip
         self.path = Path(lock_file)
         self.directory = Path(directory)
         self.command = command
         self.create = create
         self.cleanup = cleanup  # run once the lock is ours: what a killed writer left can go now
+        self.wait_s = wait_s  # how long a busy lock is waited for before the error (0: refused at once)
         self._fd: int | None = None
         self._created: list[Path] = []
 
@@ -65,11 +67,16 @@ class DirectoryLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._created = missing  # innermost first
+        deadline = time.monotonic() + self.wait_s
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if time.monotonic() < deadline:
+                    os.close(fd)
+                    time.sleep(0.2)
+                    continue
                 holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
                 self._remove_created()
@@ -123,10 +130,12 @@ class DirectoryLock:
         self.release()
 
 
-def lock_run(run_dir: str | os.PathLike, command: str, create: bool = False) -> DirectoryLock:
+def lock_run(run_dir: str | os.PathLike, command: str, create: bool = False, wait_s: float = 0.0) -> DirectoryLock:
     """The lock of a run directory (``RUN_DIR/.lock``): training, evaluation, analysis and pruning of it.
 
     ``create``: make the directory if missing (training); else a missing one is an error.
+    ``wait_s``: wait this long for a busy lock (a sweep's retried task, while the worker it
+    replaces is still being killed) before refusing.
     """
     run_dir = Path(run_dir)
 
@@ -135,7 +144,7 @@ def lock_run(run_dir: str | os.PathLike, command: str, create: bool = False) -> 
         if (run_dir / "checkpoints").is_dir():
             remove_stale_temporaries(run_dir / "checkpoints")
 
-    return DirectoryLock(run_dir / RUN_LOCK, run_dir, command, create, cleanup)
+    return DirectoryLock(run_dir / RUN_LOCK, run_dir, command, create, cleanup, wait_s)
 
 
 def lock_output(target: str | os.PathLike, command: str) -> DirectoryLock:

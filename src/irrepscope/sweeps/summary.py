@@ -201,7 +201,7 @@ def _train_time(row: dict[str, Any]) -> str:
 
 
 def status_markdown(rows: list[dict[str, Any]]) -> str:
-    """The runs that are not finished (claimed elsewhere, failed, partial, not started), with a failure's error; "" if none."""
+    """The runs that are not finished (failed, partial, not started), with a failure's error; "" if none."""
     pending = [r for r in rows if r.get("status", "finished") != "finished"]
     if not pending:
         return ""

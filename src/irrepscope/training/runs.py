@@ -25,7 +25,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import pickle
+import socket
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ CHECKPOINT_FORMAT = "irrepscope-checkpoint-v1"
 # What a run directory may hold: its files, its outputs, and the markers of locks, sweep claims and failures.
 RUN_FILES = frozenset({
     "config.yaml", "split.json", "composition.json", "metrics.csv", "checkpoints", "test.json", "analysis",
-    "pruned.yaml", "comparison", ".lock", ".claim", ".failed",
+    "pruned.yaml", "comparison", ".lock", ".claim", ".failed", "sessions.jsonl",
 })  # fmt: skip
 METRIC_FIELDS = [
     "epoch", "train_loss", "val_mae_mev", "val_rmse_mev", "val_baseline_mae_mev", "val_force_mae", "val_force_baseline_mae",
@@ -81,6 +84,36 @@ class RunDir:
 
     def checkpoint(self, which: str = "best") -> Path:
         return self.root / "checkpoints" / f"{which}.pt"
+
+    @property
+    def sessions(self) -> Path:
+        """sessions.jsonl: one line per training session (fresh or resumed), where it started and ran."""
+        return self.root / "sessions.jsonl"
+
+    def append_session(self, start_epoch: int, device: str) -> None:
+        """Record that a training session starts after ``start_epoch`` finished epochs (0: a fresh run).
+
+        The record of who trained what: a run resumed after a kill shows two sessions, the
+        second starting where the first's last checkpoint ended, never at 0 again.
+        """
+        line = {"start_epoch": start_epoch, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": device, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        with self.sessions.open("a", encoding="utf-8") as f:  # one short line per append: whole or absent
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_sessions(self) -> list[dict[str, Any]]:
+        """The training sessions recorded so far (a torn last line, from a kill mid-write, is skipped)."""
+        if not self.sessions.is_file():
+            return []
+        out = []
+        for text in self.sessions.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(text))
+            except json.JSONDecodeError:
+                continue
+        return out
 
     def refuse_foreign_files(self) -> None:
         """Refuse to train into a folder that holds files no run writes (a fresh run would mix in with them)."""

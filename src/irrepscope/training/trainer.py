@@ -294,6 +294,7 @@ class Trainer:
                 ema.module.load_state_dict(averaged)
         split = load_split(self.run.split, len(self.mols))
         rows = self.run.read_metrics()
+        self.run.append_session(len(rows), self.device.type)
         target = self.mols.properties[cfg.data.target]
         baseline_val = baseline_errors(self.mols, split["train"], split["val"], cfg.data.target)["baseline_mae_ev"]
         val_forces = self.mols.atom_values(FORCES, split["val"]) if self.forces else None
