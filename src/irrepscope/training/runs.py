@@ -41,7 +41,8 @@ from irrepscope.config import Config, config_from_dict, load_config, recipe_diff
 from irrepscope.errors import IrrepscopeError
 
 CHECKPOINT_FORMAT = "irrepscope-checkpoint-v1"
-# What a run directory may hold: its files, its outputs, and the markers of locks, sweep claims and failures.
+# What a run directory may hold: its files, its outputs, and the markers of locks, failures and (from sweeps of
+# irrepscope before Ray) claims.
 RUN_FILES = frozenset({
     "config.yaml", "split.json", "composition.json", "metrics.csv", "checkpoints", "test.json", "analysis",
     "pruned.yaml", "comparison", ".lock", ".claim", ".failed", "sessions.jsonl",
