@@ -143,7 +143,6 @@ class SweepProgress:
         self.counts: dict[str, int] = {"finished before": finished_before}
         self.total = len(sweep.runs)
         self.running: set[str] = set()
-        self.failed = 0
         self.done = finished_before
         self.bar = tqdm(total=self.total, initial=finished_before, desc=f"sweep {sweep.name}", unit="run", disable=not progress)
         self._show()
@@ -155,7 +154,6 @@ class SweepProgress:
     def ended(self, relpath: str, outcome: str) -> None:
         self.running.discard(relpath)
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
-        self.failed += outcome == "failed"
         self.done += 1
         self.bar.update(1)
         self._show(f"{relpath}: {outcome}")
@@ -166,7 +164,8 @@ class SweepProgress:
 
     def _show(self, last: str = "") -> None:
         pending = self.total - self.done - len(self.running)
-        text = f"pending {pending}, running {len(self.running)}, finished {self.done - self.failed}, failed {self.failed}"
+        failed = self.counts.get("failed", 0)
+        text = f"pending {pending}, running {len(self.running)}, finished {self.done - failed}, failed {failed}"
         self.bar.set_postfix_str(text + (f"; {last}" if last else ""), refresh=True)
 
     def close(self) -> dict[str, int]:
