@@ -297,7 +297,6 @@ def test_two_local_workers_give_the_numbers_of_one_and_record_a_failure(tmp_path
     path = tmp_path / "two.yaml"
     path.write_text(
         f"name: two\nconfigs:\n  - {{name: wild, config: {ROOT}/configs/quick/tiny.yaml, set: {{train.lr: 1.0e6}}}}\n"
-        f"  - {{name: tiny, config: {ROOT}/configs/quick/tiny.yaml}}\n"
         f"  - {{name: gapped, config: {ROOT}/configs/quick/tiny.yaml, set: {{model.orders: [0, 2]}}}}\nseeds: [0]\n"
         "set:\n  data.limit: 160\n  train.epochs: 2\n  train.max_train_batches: 2\n  train.threads: 1\n"
     )
@@ -306,10 +305,10 @@ def test_two_local_workers_give_the_numbers_of_one_and_record_a_failure(tmp_path
         out = tmp_path / f"w{workers}"
         assert run_cli("sweep", str(path), "--out", str(out), "--quiet", "--workers", workers) == 2
         captured = capsys.readouterr()
-        assert "2 trained" in captured.out and "1 failed" in captured.out, captured.out
+        assert "1 trained" in captured.out and "1 failed" in captured.out, captured.out
         timing = {"train_seconds", "epoch_seconds", "molecules_per_s"}
         rows = [{k: v.replace(str(out), "OUT") for k, v in r.items() if k not in timing} for r in csv.DictReader((out / "results.csv").open())]
         results[workers] = rows  # the error of the failed run names its checkpoint under OUT
     assert results["2"] == results["1"]
     statuses = {r["config"]: r["status"] for r in results["2"]}
-    assert statuses == {"wild": "failed", "tiny": "finished", "gapped": "finished"}, statuses
+    assert statuses == {"wild": "failed", "gapped": "finished"}, statuses

@@ -97,21 +97,29 @@ def ray_engine(
         threads = max(1, math.ceil(cpus_per_run))
         refs = {task.remote(s, str(out / s.relpath), threads, started): s for s in todo}
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-            for relpath in _drain(started):
-                bar.started(relpath)
-            for ref in done:
-                spec = refs[ref]
-                try:
-                    relpath, outcome = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # its worker kept dying (or its node), retries spent
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    record_failure(out / spec.relpath, f"Ray gave up on this run after {max_retries} retries: {first}")
-                    relpath, outcome = spec.relpath, "failed"
-                bar.ended(relpath, outcome)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                for relpath in _drain(started):
+                    bar.started(relpath)
+                for ref in done:
+                    bar.ended(*_outcome(ray, ref, refs[ref], out, max_retries))
+        except BaseException:  # Ctrl-C (or an error here): stop the runs now, not when Ray notices the driver gone
+            for ref in pending:
+                ray.cancel(ref, force=True)  # kills the worker; the run resumes from its last checkpoint
+            raise
 
     return run
+
+
+def _outcome(ray: Any, ref: Any, spec: RunSpec, out: Path, max_retries: int) -> tuple[str, str]:
+    """(relpath, outcome) of a finished task; a run Ray gave up on is recorded as failed."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:  # its worker kept dying (or its node), retries spent
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        record_failure(out / spec.relpath, f"Ray gave up on this run after {max_retries} retries: {first}")
+        return spec.relpath, "failed"
 
 
 def _drain(started: Any) -> list[str]:
